@@ -46,14 +46,14 @@ def awd_lstm_to_flax(state_dict: Mapping, model: AWDLSTM | LanguageModel) -> AWD
   arrays = check_keys(state_dict, _expected_shapes(model), what)
   encoder, prefix = (model, '') if isinstance(model, AWDLSTM) else (model.encoder, '0.')
   tied = [f'{prefix}encoder.weight', f'{prefix}encoder_dp.emb.weight']
+  if isinstance(model, LanguageModel) and model.decoder.tied:
+    tied.append('1.decoder.weight')
+  _check_tied(arrays, tied, what)  # every check before the first write: no half-filled model
   if isinstance(model, LanguageModel):
-    if model.decoder.tied:
-      tied.append('1.decoder.weight')
-    else:
+    if not model.decoder.tied:
       model.decoder.weight[...] = jnp.asarray(arrays['1.decoder.weight'], jnp.float32)
     if model.decoder.bias is not None:
       model.decoder.bias[...] = jnp.asarray(arrays['1.decoder.bias'], jnp.float32)
-  _check_tied(arrays, tied, what)
   encoder.encoder[...] = jnp.asarray(arrays[tied[0]], jnp.float32)
   for l, rnn in enumerate(encoder.rnns):
     for key, attr in _LAYER_KEYS.items():
