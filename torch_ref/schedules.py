@@ -52,11 +52,11 @@ def cosine(total: int, start: float, end: float = 0.0):
 
 
 def stlr(total: int, lr_max: float = 0.01, cut_frac: float = 0.1, ratio: float = 32.0):
-  """Howard & Ruder 2018, eq. 3, at iteration t (0-based)."""
+  """Howard & Ruder 2018, eq. 3, at iteration t (0-based); decay over total - cut steps."""
   cut = math.floor(total * cut_frac)
 
   def sched(t: int) -> float:
-    p = t / cut if t < cut else 1 - (t - cut) / (cut * (1 / cut_frac - 1))
+    p = t / cut if t < cut else 1 - (t - cut) / (total - cut)
     return lr_max * (1 + p * (ratio - 1)) / ratio
   return sched
 

@@ -23,8 +23,15 @@ def _check_pct(fn: str, name: str, pct: float) -> None:
 
 
 def cos_anneal(start: float, end: float, pos: jnp.ndarray) -> jnp.ndarray:
-  """fastai's `SchedCos` at `pos` in [0, 1]: half a cosine from `start` to `end`."""
-  return start + (1.0 + jnp.cos(math.pi * (1.0 - pos))) * (end - start) / 2.0
+  """fastai's `SchedCos` at `pos` in [0, 1]: half a cosine from `start` to `end`.
+
+  fastai writes `start + (1 + cos(pi * (1 - pos))) * (end - start) / 2`; the same value is
+  computed here as `start * cos(pi * pos / 2)**2 + end * sin(pi * pos / 2)**2`, a sum of
+  two non-negative terms that keeps float32 precise where fastai's form cancels (near
+  either end when one of start, end is much smaller than the other).
+  """
+  angle = 0.5 * math.pi * pos
+  return start * jnp.square(jnp.cos(angle)) + end * jnp.square(jnp.sin(angle))
 
 
 def combined_cos(total_steps: int, pct_start: float, start: float, middle: float,
@@ -97,7 +104,9 @@ def stlr(total_steps: int, lr_max: float = 0.01, cut_frac: float = 0.1, ratio: f
   """ULMFiT's slanted triangular learning rate: a short linear rise, then a long linear decay.
 
   `cut = floor(T * cut_frac)`; `p = t / cut` before the cut, else
-  `1 - (t - cut) / (cut * (1 / cut_frac - 1))`; `lr = lr_max * (1 + p * (ratio - 1)) / ratio`.
+  `1 - (t - cut) / (T - cut)`; `lr = lr_max * (1 + p * (ratio - 1)) / ratio`. The paper's
+  decay length `cut * (1 / cut_frac - 1)` equals `T - cut` when `T * cut_frac` is whole; for
+  other T it would overshoot to negative rates, so `T - cut` is used.
 
   References:
     Howard & Ruder, "Universal Language Model Fine-tuning for Text Classification", 2018, eq. 3.
@@ -111,7 +120,7 @@ def stlr(total_steps: int, lr_max: float = 0.01, cut_frac: float = 0.1, ratio: f
 
   def schedule(step):
     t = jnp.asarray(step, jnp.float32)
-    p = jnp.where(t < cut, t / cut, 1.0 - (t - cut) / (cut * (1.0 / cut_frac - 1.0)))
+    p = jnp.where(t < cut, t / cut, 1.0 - (t - cut) / (total_steps - cut))
     return lr_max * (1.0 + p * (ratio - 1.0)) / ratio
   return schedule
 
