@@ -47,7 +47,7 @@ def make_train_step(model: nnx.Module, loss_fn: LossFn, tx: optax.GradientTransf
     scale = loss_scale(state.opt_state)
 
     def objective(params):
-      module = nnx.merge(graphdef, params, state.rest)
+      module = nnx.merge(graphdef, params, state.rest, copy=True)
       loss, (new_carry, metrics) = loss_fn(module, batch, rng, carry)
       _, _, rest = nnx.split(module, nnx.Param, ...)
       scaled = loss if scale is None else loss * scale
