@@ -8,6 +8,7 @@ with `optax.multi_transform`. `carry_state` moves per-parameter state between st
 """
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -29,6 +30,12 @@ class ScaleByFastaiAdamState(NamedTuple):
   sqr_avg: optax.Updates   # like params
 
 
+def _one_minus_power(beta, n):
+  """`1 - beta**n` without float32 cancellation (`-expm1(n log beta)`, the log in float64 for Python floats)."""
+  log_beta = math.log(beta) if isinstance(beta, (int, float)) else jnp.log(beta)
+  return -jnp.expm1(n * log_beta)
+
+
 def _fastai_adam(learning_rate: float, mom: float = 0.9, sqr_mom: float = 0.99, eps: float = 1e-5,
                  wd: float = 0.01, wd_mask: Any = None) -> optax.GradientTransformation:
   def init_fn(params):
@@ -48,9 +55,10 @@ def _fastai_adam(learning_rate: float, mom: float = 0.9, sqr_mom: float = 0.99, 
 
     def leaf(p, n, a, s, decay):
       n = n.astype(jnp.float32)
-      debias1, debias2 = 1.0 - mom ** n, 1.0 - sqr_mom ** n
+      debias1, debias2 = _one_minus_power(mom, n), _one_minus_power(sqr_mom, n)
       adam = (learning_rate / debias1) * a / (jnp.sqrt(s / debias2) + eps)
-      return (-(learning_rate * wd) * p if decay else 0.0) - adam
+      # fastai multiplies p by the float32 factor (1 - lr * wd); p * factor - p is that step exactly.
+      return ((p * (1.0 - learning_rate * wd) - p) if decay else 0.0) - adam
 
     updates = jax.tree.map(leaf, params, step, grad_avg, sqr_avg, mask)
     return updates, ScaleByFastaiAdamState(step, grad_avg, sqr_avg)
@@ -58,7 +66,8 @@ def _fastai_adam(learning_rate: float, mom: float = 0.9, sqr_mom: float = 0.99, 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-fastai_adam = optax.inject_hyperparams(_fastai_adam, static_args=('wd_mask',))
+# sqr_mom and eps stay Python floats (fastai never schedules them), so 1 - sqr_mom is exact.
+fastai_adam = optax.inject_hyperparams(_fastai_adam, static_args=('sqr_mom', 'eps', 'wd_mask'))
 fastai_adam.__doc__ = """fastai's `Adam` (decoupled weight decay, eps outside the sqrt), as updates.
 
   Per parameter p with gradient g and its own step count n:
@@ -71,8 +80,8 @@ fastai_adam.__doc__ = """fastai's `Adam` (decoupled weight decay, eps outside th
   Args:
     learning_rate: lr (float or schedule).
     mom: beta1 (float or schedule, e.g. `one_cycle_moms`).
-    sqr_mom: beta2.
-    eps: added to the square root.
+    sqr_mom: beta2 (a float).
+    eps: added to the square root (a float).
     wd: decoupled weight decay.
     wd_mask: pytree of bools (or `params -> pytree`) saying which parameters decay.
 
