@@ -21,7 +21,8 @@ def check_keys(state_dict: Mapping, expected: Mapping[str, tuple[int, ...]], wha
 
   Raises:
     KeyError: a key is missing or unexpected (every such key is named).
-    ValueError: an array has the wrong shape (key, expected and received shapes named).
+    ValueError: an array has the wrong shape (key, expected and received shapes named), or
+      holds NaN/inf.
   """
   missing = [k for k in expected if k not in state_dict]
   extra = [k for k in state_dict if k not in expected]
@@ -34,5 +35,8 @@ def check_keys(state_dict: Mapping, expected: Mapping[str, tuple[int, ...]], wha
     if tuple(array.shape) != tuple(shape):
       raise ValueError(f'{what}: state_dict[{key!r}] has shape {tuple(array.shape)}, '
                        f'the model expects {tuple(shape)}')
+    if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+      raise ValueError(f'{what}: state_dict[{key!r}] contains NaN or infinite values; '
+                       'the checkpoint is corrupt or was saved after training diverged')
     arrays[key] = array
   return arrays

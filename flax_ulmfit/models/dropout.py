@@ -1,0 +1,90 @@
+"""AWD-LSTM's dropouts: one mask helper and the three dropout sites that use it.
+
+Every site takes an explicit `mask` (drawn by the caller, e.g. in numpy for a parity test)
+or, with none, draws one from its `nnx.Rngs` stream. `.eval()` turns them all off.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def dropout_mask(key: jax.Array, shape: tuple[int, ...], p: float, dtype=jnp.float32) -> jax.Array:
+  """Bernoulli(1 - p) mask of `shape`, scaled by 1 / (1 - p) (fastai's `dropout_mask`)."""
+  if not 0.0 <= p < 1.0:
+    raise ValueError(f'dropout_mask: the drop probability must be in [0, 1), got {p=}')
+  if p == 0.0:
+    return jnp.ones(shape, dtype)
+  return jax.random.bernoulli(key, 1.0 - p, shape).astype(dtype) / (1.0 - p)
+
+
+def _check_mask(mask: jax.Array, shape: tuple[int, ...], site: str) -> None:
+  if tuple(mask.shape) != tuple(shape):
+    raise ValueError(f'{site}: mask has shape {tuple(mask.shape)}, expected {tuple(shape)}')
+
+
+class _DropoutSite(nnx.Module):
+  """A dropout probability, a train/eval switch and an RNG stream for masks drawn on demand."""
+
+  def __init__(self, p: float, *, rngs: nnx.Rngs | None = None):
+    if not 0.0 <= p < 1.0:
+      raise ValueError(f'{type(self).__name__}: p must be in [0, 1), got {p=}')
+    self.p = p
+    self.deterministic = False
+    self.rngs = rngs['dropout'].fork() if rngs is not None else nnx.data(None)
+
+  @property
+  def active(self) -> bool:
+    return not self.deterministic and self.p > 0.0
+
+  def draw(self, shape: tuple[int, ...], key: jax.Array | None = None) -> jax.Array:
+    """A fresh mask of `shape` from `key`, or from the module's own stream."""
+    if key is None:
+      if self.rngs is None:
+        raise ValueError(f'{type(self).__name__}: in train mode it needs a mask, a key, or '
+                         'rngs=nnx.Rngs(dropout=...) at construction')
+      key = self.rngs()
+    return dropout_mask(key, shape, self.p)
+
+
+class RNNDropout(_DropoutSite):
+  """Variational (locked) dropout: one (B, 1, F) mask per sequence, shared over time."""
+
+  def mask_shape(self, batch_size: int, features: int) -> tuple[int, int, int]:
+    return (batch_size, 1, features)
+
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Drops features of time-major `x` (T, B, F); `mask` is batch-first (B, 1, F)."""
+    if not self.active:
+      return x
+    shape = self.mask_shape(x.shape[1], x.shape[2])
+    mask = self.draw(shape) if mask is None else mask
+    _check_mask(mask, shape, 'RNNDropout')
+    return x * jnp.swapaxes(mask, 0, 1).astype(x.dtype)
+
+
+class EmbeddingDropout(_DropoutSite):
+  """Drops whole rows (words) of an embedding matrix: a (V, 1) mask scaled by 1 / (1 - p)."""
+
+  def __call__(self, weight: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    if not self.active:
+      return weight
+    shape = (weight.shape[0], 1)
+    mask = self.draw(shape) if mask is None else mask
+    _check_mask(mask, shape, 'EmbeddingDropout')
+    return weight * mask.astype(weight.dtype)
+
+
+class WeightDropout(_DropoutSite):
+  """DropConnect on a weight matrix: one elementwise mask per forward pass.
+
+  The gradient flows through the mask to the raw weight (the trainable parameter).
+  """
+
+  def __call__(self, weight: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    if not self.active:
+      return weight
+    mask = self.draw(weight.shape) if mask is None else mask
+    _check_mask(mask, weight.shape, 'WeightDropout')
+    return weight * mask.astype(weight.dtype)

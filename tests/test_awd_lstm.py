@@ -1,0 +1,159 @@
+"""AWD-LSTM behaviour that needs no torch: configs, dropout switching, masks, bad input."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from flax_ulmfit.interop import flax_to_torch, torch_to_flax
+from flax_ulmfit.models import (AWDLSTM, LanguageModel, awd_lstm_clas_config, awd_lstm_lm_config,
+                                dropout_mask)
+
+SMALL = dict(awd_lstm_lm_config, emb_sz=6, n_hid=8, n_layers=2)
+
+
+def small_lm(**kwargs):
+  return LanguageModel(20, SMALL, rngs=nnx.Rngs(0, dropout=1), **kwargs)
+
+
+def test_configs_equal_fastai_v2_defaults():
+  # Values from fastai 2.8's awdlstm.py (REFERENCE.md), written out, not imported.
+  assert awd_lstm_lm_config == dict(emb_sz=400, n_hid=1152, n_layers=3, pad_token=1, bidir=False,
+                                    output_p=0.1, hidden_p=0.15, input_p=0.25, embed_p=0.02,
+                                    weight_p=0.2, tie_weights=True, out_bias=True)
+  assert awd_lstm_clas_config == dict(emb_sz=400, n_hid=1152, n_layers=3, pad_token=1, bidir=False,
+                                      output_p=0.4, hidden_p=0.3, input_p=0.4, embed_p=0.05,
+                                      weight_p=0.5)
+
+
+def test_default_model_sizes_and_drop_mult():
+  lm = LanguageModel(16, drop_mult=0.5, rngs=nnx.Rngs(0))
+  sizes = [(r.in_features, r.hidden_size) for r in lm.encoder.rnns]
+  assert sizes == [(400, 1152), (1152, 1152), (1152, 400)]
+  assert lm.encoder.encoder_dp.p == pytest.approx(0.01)
+  assert lm.encoder.weight_dps[0].p == pytest.approx(0.1)
+  assert lm.decoder.output_dp.p == pytest.approx(0.05)
+  embedding = np.asarray(lm.encoder.encoder[...])
+  assert embedding.min() >= -0.1 and embedding.max() <= 0.1 and embedding.std() > 0.05
+  assert np.all(np.asarray(lm.decoder.bias[...]) == 0)
+
+
+def test_dropout_mask_statistics():
+  mask = np.asarray(dropout_mask(jax.random.key(0), (400, 500), 0.2))
+  assert set(np.unique(mask)) == {0.0, np.float32(1 / 0.8)}
+  assert abs((mask == 0).mean() - 0.2) < 0.005  # 200k draws: std of the rate is ~0.0009
+  with pytest.raises(ValueError, match='p=1.0'):
+    dropout_mask(jax.random.key(0), (2,), 1.0)
+
+
+def test_train_mode_draws_fresh_masks_and_eval_is_deterministic():
+  lm = small_lm()
+  ids = jnp.arange(12, dtype=jnp.int32).reshape(2, 6) % 20
+  first, second = lm(ids)[0], lm(ids)[0]
+  assert not np.allclose(first, second)  # new masks every call
+  lm.eval()
+  np.testing.assert_array_equal(lm(ids)[0], lm(ids)[0])
+  lm.train()
+  masks = lm.sample_masks(jax.random.key(3), 2)
+  np.testing.assert_array_equal(lm(ids, None, masks)[0], lm(ids, None, masks)[0])
+
+
+def test_state_none_equals_zero_state_and_state_shapes():
+  lm = small_lm()
+  lm.eval()
+  ids = jnp.ones((3, 4), jnp.int32)
+  logits, state, extras = lm(ids)
+  np.testing.assert_array_equal(logits, lm(ids, lm.zero_state(3))[0])
+  assert logits.shape == (3, 4, 20) and logits.dtype == jnp.float32
+  assert [tuple(h.shape) for h, _ in state] == [(3, 8), (3, 6)]
+  assert extras.raw.shape == extras.dropped.shape == (3, 4, 6)
+
+
+def test_jit_and_eager_agree():
+  lm = small_lm()
+  lm.eval()
+  ids = jnp.arange(8, dtype=jnp.int32).reshape(2, 4)
+  eager = lm(ids)[0]
+  jitted = nnx.jit(lambda model, x: model(x)[0])(lm, ids)
+  np.testing.assert_allclose(eager, jitted, atol=1e-6)
+
+
+@pytest.mark.parametrize('tokens, message', [
+    (jnp.array([[0, 20]]), r'in \[0, 20\).*from 0 to 20'),
+    (jnp.array([[-1, 3]]), r'from -1 to 3'),
+    (jnp.ones((2, 3), jnp.float32), 'integer ids'),
+    (jnp.ones((6,), jnp.int32), r'\(batch, seq_len\)'),
+])
+def test_bad_tokens_raise_value_errors_naming_the_problem(tokens, message):
+  with pytest.raises(ValueError, match=message):
+    small_lm()(tokens)
+
+
+def test_state_of_the_wrong_shape_is_rejected():
+  lm = small_lm()
+  with pytest.raises(ValueError, match=r'state must be 2 pairs \(h, c\).*batch size 3'):
+    lm(jnp.ones((3, 4), jnp.int32), lm.zero_state(2))
+
+
+def test_masks_of_the_wrong_shape_are_rejected():
+  lm = small_lm()
+  masks = lm.sample_masks(jax.random.key(0), 2)
+  with pytest.raises(ValueError, match=r'RNNDropout: mask has shape \(2, 1, 6\), expected \(3, 1, 6\)'):
+    lm(jnp.ones((3, 4), jnp.int32), None, masks)
+
+
+def test_converter_names_missing_extra_and_misshapen_keys():
+  lm = small_lm()
+  state_dict = flax_to_torch(lm)
+  missing = {k: v for k, v in state_dict.items() if k != '1.decoder.bias'}
+  with pytest.raises(KeyError, match=r"missing keys \['1.decoder.bias'\]"):
+    torch_to_flax(missing, small_lm())
+  with pytest.raises(KeyError, match=r"unexpected keys \['extra'\]"):
+    torch_to_flax(dict(state_dict, extra=np.zeros(1)), small_lm())
+  wrong = dict(state_dict)
+  wrong['0.rnns.1.module.weight_ih_l0'] = np.zeros((3, 3), np.float32)
+  with pytest.raises(ValueError, match=r"weight_ih_l0'\] has shape \(3, 3\), the model expects \(24, 8\)"):
+    torch_to_flax(wrong, small_lm())
+  nan = dict(state_dict)
+  nan['0.rnns.0.weight_hh_l0_raw'] = np.full_like(state_dict['0.rnns.0.weight_hh_l0_raw'], np.nan)
+  with pytest.raises(ValueError, match=r"weight_hh_l0_raw'\] contains NaN"):
+    torch_to_flax(nan, small_lm())
+  untied = dict(state_dict)
+  untied['1.decoder.weight'] = state_dict['1.decoder.weight'] + 1
+  with pytest.raises(ValueError, match='ties them'):
+    torch_to_flax(untied, small_lm())
+
+
+def test_converter_leaves_the_model_untouched_on_error():
+  lm = small_lm()
+  before = flax_to_torch(lm)
+  misshapen = {k: np.zeros_like(v) for k, v in before.items()}
+  misshapen['1.decoder.bias'] = np.zeros(3, np.float32)
+  untied = {k: np.zeros_like(v) for k, v in before.items()}
+  untied['1.decoder.weight'] += 1
+  for bad in (misshapen, untied):
+    with pytest.raises(ValueError):
+      torch_to_flax(bad, lm)
+  after = flax_to_torch(lm)
+  for key in before:
+    np.testing.assert_array_equal(before[key], after[key])
+
+
+def test_encoder_alone_converts_with_fastai_encoder_keys():
+  encoder = AWDLSTM(20, 6, 8, 2, rngs=nnx.Rngs(0))
+  state_dict = flax_to_torch(encoder)
+  assert '0.encoder.weight' not in state_dict and 'rnns.1.weight_hh_l0_raw' in state_dict
+  other = torch_to_flax(state_dict, AWDLSTM(20, 6, 8, 2, rngs=nnx.Rngs(5)))
+  np.testing.assert_array_equal(other.rnns[1].weight_hh[...], encoder.rnns[1].weight_hh[...])
+
+
+def test_bidirectional_is_refused_clearly():
+  with pytest.raises(NotImplementedError, match='bidir'):
+    LanguageModel(20, dict(SMALL, bidir=True), rngs=nnx.Rngs(0))
+
+
+def test_unknown_config_key_is_refused():
+  with pytest.raises(ValueError, match=r"unknown config keys \['hidden_size'\]"):
+    LanguageModel(20, dict(SMALL, hidden_size=3), rngs=nnx.Rngs(0))
