@@ -85,5 +85,5 @@ def test_mixup_matches_fastai_given_same_lambdas_and_permutation(smooth):
   t_val = tm.mixup_loss(t_loss, tm.mix_inputs(torch.tensor(x), tlam, tperm) @ tw,
                         torch.tensor(TARGETS).long(), tlam, tperm)
   t_val.backward()
-  np.testing.assert_allclose(float(j_val), float(t_val), atol=1e-5, rtol=0)
+  np.testing.assert_allclose(float(j_val), t_val.item(), atol=1e-5, rtol=0)
   np.testing.assert_allclose(np.asarray(j_grad), tw.grad.numpy(), atol=1e-4, rtol=0)
