@@ -27,8 +27,9 @@ class TrainState(NamedTuple):
 
 
 def init_train_state(model: nnx.Module, tx: optax.GradientTransformation) -> TrainState:
-  """Splits `model` into parameters and the rest, and initialises `tx` on the parameters."""
-  _, params, rest = nnx.split(model, nnx.Param, ...)
+  """Splits `model` into parameters and the rest (copied: steps donate their buffers, the
+  model keeps its own), and initialises `tx` on the parameters."""
+  _, params, rest = jax.tree.map(jnp.copy, nnx.split(model, nnx.Param, ...))
   return TrainState(params, rest, tx.init(params))
 
 
