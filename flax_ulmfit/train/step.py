@@ -59,7 +59,7 @@ def make_train_step(model: nnx.Module, loss_fn: LossFn, tx: optax.GradientTransf
     params = optax.apply_updates(state.params, updates)
     return TrainState(params, rest, opt_state), carry, {'loss': loss, **metrics}
 
-  return jax.jit(step, donate_argnums=(0, 3))
+  return jax.jit(step, donate_argnums=0)  # not the carry: callers may pass one zeros array twice
 
 
 def make_eval_step(model: nnx.Module, loss_fn: LossFn) -> Callable:
