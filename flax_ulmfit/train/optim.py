@@ -74,8 +74,8 @@ fastai_adam.__doc__ = """fastai's `Adam` (decoupled weight decay, eps outside th
   `p <- p * (1 - lr * wd)` (skipped where `wd_mask` is False), then
   `grad_avg = mom * grad_avg + (1 - mom) * g`, `sqr_avg = sqr_mom * sqr_avg + (1 - sqr_mom) * g**2`,
   `p <- p - lr / (1 - mom**n) * grad_avg / (sqrt(sqr_avg / (1 - sqr_mom**n)) + eps)`.
-  The debiasing uses the current momentum, as fastai's `adam_step` does. Any numeric argument
-  may be a schedule `step -> value` (wrapped by `optax.inject_hyperparams`).
+  The debiasing uses the current momentum, as fastai's `adam_step` does. `learning_rate`,
+  `mom` and `wd` may be schedules `step -> value` (through `optax.inject_hyperparams`).
 
   Args:
     learning_rate: lr (float or schedule).
@@ -178,6 +178,8 @@ def fastai_optimizer(labels: Any, lrs: Mapping[str, float | optax.Schedule], *,
     `multi_transform` state, so `carry_state` can move them to the next stage's optimizer.
   """
   groups = set(jax.tree.leaves(labels))
+  if FROZEN in groups:
+    raise ValueError(f'fastai_optimizer: {FROZEN!r} is reserved for frozen parameters; rename that group')
   unknown = sorted(set(frozen) - groups)
   if unknown:
     raise ValueError(f'fastai_optimizer: frozen groups {unknown} are not among the labels {sorted(groups)}')
