@@ -1,0 +1,83 @@
+"""Pure, jitted train and eval steps over a split NNX model; the model and loss come from the caller.
+
+A loss function has the signature `loss_fn(model, batch, rng, carry) -> (loss, (carry, metrics))`:
+`carry` is what a recurrent model passes from batch to batch (None otherwise; return it
+with `jax.lax.stop_gradient` applied) and `metrics` a dict of scalars to average.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from flax_ulmfit.train.precision import loss_scale
+
+LossFn = Callable[[nnx.Module, Any, jax.Array, Any], tuple[jax.Array, tuple[Any, dict]]]
+
+
+class TrainState(NamedTuple):
+  """What a train step updates: the model's parameters, its other state, the optimizer's state."""
+  params: nnx.State     # nnx.Param variables, fp32
+  rest: nnx.State       # BatchStat, RNG counters and the like
+  opt_state: optax.OptState
+
+
+def init_train_state(model: nnx.Module, tx: optax.GradientTransformation) -> TrainState:
+  """Splits `model` into parameters and the rest (copied: steps donate their buffers, the
+  model keeps its own), and initialises `tx` on the parameters."""
+  _, params, rest = jax.tree.map(jnp.copy, nnx.split(model, nnx.Param, ...))
+  return TrainState(params, rest, tx.init(params))
+
+
+def make_train_step(model: nnx.Module, loss_fn: LossFn, tx: optax.GradientTransformation) -> Callable:
+  """Returns `step(state, batch, rng, carry) -> (state, carry, metrics)`, jitted, `state` donated.
+
+  `model` is put in train mode and split once; the step merges the graph with the state
+  it is given, so `model` itself is not updated (use `update_model`). If `tx` contains a
+  `dynamic_loss_scale`, the loss is multiplied by its current scale before differentiation.
+  `metrics` holds `loss` (unscaled) plus `loss_fn`'s metrics, all device scalars.
+  """
+  model.train()
+  graphdef = nnx.graphdef(model)
+
+  def step(state: TrainState, batch, rng, carry):
+    scale = loss_scale(state.opt_state)
+
+    def objective(params):
+      module = nnx.merge(graphdef, params, state.rest, copy=True)
+      loss, (new_carry, metrics) = loss_fn(module, batch, rng, carry)
+      _, _, rest = nnx.split(module, nnx.Param, ...)
+      scaled = loss if scale is None else loss * scale
+      return scaled, (loss, new_carry, metrics, rest)
+
+    grads, (loss, carry, metrics, rest) = jax.grad(objective, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return TrainState(params, rest, opt_state), carry, {'loss': loss, **metrics}
+
+  return jax.jit(step, donate_argnums=0)  # not the carry: callers may pass one zeros array twice
+
+
+def make_eval_step(model: nnx.Module, loss_fn: LossFn) -> Callable:
+  """Returns `step(state, batch, carry) -> (carry, metrics)`, jitted, with `model` in eval mode.
+
+  `loss_fn` is called with `rng=None`; eval mode needs no randomness.
+  """
+  model.eval()
+  graphdef = nnx.graphdef(model)
+
+  def step(state: TrainState, batch, carry):
+    module = nnx.merge(graphdef, state.params, state.rest)
+    loss, (carry, metrics) = loss_fn(module, batch, None, carry)
+    return carry, {'loss': jnp.asarray(loss, jnp.float32), **metrics}
+
+  return jax.jit(step)
+
+
+def update_model(model: nnx.Module, state: TrainState) -> None:
+  """Writes the trained parameters and state back into `model`."""
+  nnx.update(model, state.params, state.rest)

@@ -1,0 +1,114 @@
+"""fit, callbacks, logs, plots and lr_find on a tiny MLP classifier (blobs that an MLP separates)."""
+import csv
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from flax_ulmfit import checkpoint
+from flax_ulmfit.train import losses, optim, schedules
+from flax_ulmfit.train.loop import EarlyStopping, SaveBest, fit
+from flax_ulmfit.train.lr_find import lr_find, valley
+from flax_ulmfit.train.step import init_train_state, make_eval_step, make_train_step, update_model
+
+
+class Mlp(nnx.Module):
+  def __init__(self, *, rngs: nnx.Rngs):
+    self.l1, self.l2 = nnx.Linear(2, 16, rngs=rngs), nnx.Linear(16, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.l2(jax.nn.relu(self.l1(x)))
+
+
+def blobs(n, seed, noise=0.3):
+  rng = np.random.default_rng(seed)
+  y = rng.integers(0, 3, n)
+  x = np.stack([np.cos(2 * np.pi * y / 3), np.sin(2 * np.pi * y / 3)], 1) * 2 + rng.normal(size=(n, 2)) * noise
+  return [(jnp.asarray(x[i:i + 16], jnp.float32), jnp.asarray(y[i:i + 16], jnp.int32)) for i in range(0, n, 16)]
+
+
+def loss_fn(model, batch, rng, carry):
+  logits = model(batch[0])
+  return losses.cross_entropy(logits, batch[1]), (carry, {'accuracy': losses.accuracy(logits, batch[1])})
+
+
+def setup(n_epoch, lr=3e-2):
+  model = Mlp(rngs=nnx.Rngs(0))
+  train, valid = blobs(128, 0), blobs(64, 1)
+  params = nnx.state(model, nnx.Param)
+  total = n_epoch * len(train)
+  tx = optim.fastai_optimizer(optim.label_params(params, [('', 'all')]), {'all': schedules.one_cycle(total, lr)},
+                              mom=schedules.one_cycle_moms(total))
+  return model, init_train_state(model, tx), make_train_step(model, loss_fn, tx), make_eval_step(model, loss_fn), train, valid
+
+
+def test_fit_learns_logs_and_plots(tmp_path):
+  model, state, step, eval_step, train, valid = setup(3)
+  state, history = fit(step, state, train, 3, rng=jax.random.key(0), eval_step=eval_step, valid_data=valid,
+                       log_path=tmp_path / 'log.csv', plot_path=tmp_path / 'plots.png', progress=False)
+  assert [r['epoch'] for r in history] == [0, 1, 2]
+  assert history[-1]['valid_loss'] < history[0]['valid_loss']
+  assert history[-1]['valid_accuracy'] > 0.9  # the blobs are separable; chance is 1/3
+  # one-cycle: the last lr is the schedule's value at the last step (8 batches x 3 epochs);
+  # rel 1e-4: jitted vs eager float32 near the run's end, where the cosine amplifies rounding.
+  assert history[-1]['lr'] == pytest.approx(float(schedules.one_cycle(24, 3e-2)(23)), rel=1e-4)
+  rows = list(csv.DictReader(open(tmp_path / 'log.csv')))
+  assert len(rows) == 3 and float(rows[2]['valid_loss']) == pytest.approx(history[2]['valid_loss'])
+  assert (tmp_path / 'plots.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  update_model(model, state)
+  assert float(losses.accuracy(model(valid[0][0]), valid[0][1])) > 0.9
+
+
+def test_fit_jsonl_log_and_language_model_perplexity(tmp_path):
+  _, state, step, eval_step, train, valid = setup(1)
+  _, history = fit(step, state, train, 1, rng=jax.random.key(0), eval_step=eval_step, valid_data=valid,
+                   language_model=True, log_path=tmp_path / 'log.jsonl', progress=False)
+  record = json.loads((tmp_path / 'log.jsonl').read_text().splitlines()[0])
+  assert record['perplexity'] == pytest.approx(np.exp(record['valid_loss']))
+
+
+def test_early_stopping_and_save_best(tmp_path):
+  model, state, step, eval_step, train, valid = setup(6, lr=10.0)  # diverging lr: no improvement after a while
+  stopper = EarlyStopping('valid_loss', patience=1)
+  saver = SaveBest(tmp_path / 'best.npz')
+  _, history = fit(step, state, train, 6, rng=jax.random.key(0), eval_step=eval_step, valid_data=valid,
+                   callbacks=[stopper, saver], progress=False)
+  assert len(history) < 6
+  best = min(history, key=lambda r: r['valid_loss'])
+  like = {'params': nnx.state(model, nnx.Param), 'rest': nnx.split(model, nnx.Param, ...)[2]}
+  tree, meta = checkpoint.load(tmp_path / 'best.npz', like)
+  assert meta['epoch'] == best['epoch'] and meta['valid_loss'] == pytest.approx(best['valid_loss'])
+
+
+def test_monitor_must_exist():
+  with pytest.raises(KeyError, match="monitor 'valid_accuracy' is not in the epoch record"):
+    EarlyStopping('valid_accuracy').after_epoch(0, {'train_loss': 1.0}, None)
+
+
+def test_fit_rejects_empty_data():
+  _, state, step, _, _, _ = setup(1)
+  with pytest.raises(ValueError, match='train_data gave no batches'):
+    fit(step, state, [], 1, rng=jax.random.key(0), progress=False)
+
+
+def test_valley_picks_inside_the_longest_descent():
+  lrs = list(np.logspace(-5, 0, 11))
+  curve = [5, 4.9, 4.5, 4.0, 3.2, 2.5, 2.0, 1.8, 1.7, 3.0, 9.0]  # falls from index 0 to 8
+  assert valley(lrs, curve) == lrs[0 + 2 + 1]  # 8 // 3 = 2 sections in, plus half a section
+
+
+def test_lr_find_sweeps_stops_on_divergence_and_keeps_model(tmp_path):
+  model = Mlp(rngs=nnx.Rngs(0))
+  before = np.asarray(model.l1.kernel[...]).copy()
+  params = nnx.state(model, nnx.Param)
+  labels = optim.label_params(params, [('', 'all')])
+  noisy = blobs(128, 0, noise=3.0)  # overlapping classes: at a huge lr the loss must blow up
+  result = lr_find(model, loss_fn, lambda lr: optim.fastai_optimizer(labels, {'all': lr}), noisy,
+                   rng=jax.random.key(0), start_lr=1e-5, end_lr=1e3, num_it=60, plot_path=tmp_path / 'lr.png')
+  assert len(result.lrs) < 60  # lr 1e3 diverges: the sweep stopped early
+  assert result.lrs[0] == pytest.approx(1e-5) and 1e-5 < result.suggestion < 1e3
+  assert (tmp_path / 'lr.png').exists()
+  np.testing.assert_array_equal(np.asarray(model.l1.kernel[...]), before)

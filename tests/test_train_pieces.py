@@ -1,0 +1,132 @@
+"""The training pieces on their own: errors on bad input, mixup's rules, param-group helpers, bf16 steps."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from flax_ulmfit.train import losses, mixup, optim, precision, schedules
+from flax_ulmfit.train.step import init_train_state, make_train_step
+
+
+def test_losses_name_bad_shapes_dtypes_and_reductions():
+  logits = jnp.zeros((4, 3))
+  with pytest.raises(ValueError, match=r'got shape \(4, 3\) logits and \(5,\) targets'):
+    losses.cross_entropy(logits, jnp.zeros(5, jnp.int32))
+  with pytest.raises(TypeError, match='targets must be integer class indices, got dtype float32'):
+    losses.label_smoothing_cross_entropy(logits, jnp.zeros(4))
+  with pytest.raises(ValueError, match="reduction must be one of .* got reduction='avg'"):
+    losses.cross_entropy(logits, jnp.zeros(4, jnp.int32), 'avg')
+  with pytest.raises(ValueError, match='eps must be in'):
+    losses.label_smoothing_cross_entropy(logits, jnp.zeros(4, jnp.int32), eps=1.0)
+
+
+def test_label_smoothing_of_uniform_logits_is_log_c():
+  """Uniform predictions: every -log p_j = log c, so the loss is log c whatever eps."""
+  got = losses.label_smoothing_cross_entropy(jnp.zeros((2, 7)), jnp.array([0, 3]))
+  assert float(got) == pytest.approx(np.log(7), rel=1e-6)
+
+
+def test_mixup_rules_and_determinism():
+  mix = mixup.sample_mix(jax.random.key(3), 256, alpha=0.4)
+  lam = np.asarray(mix.lam)
+  assert lam.min() >= 0.5 and lam.max() <= 1.0
+  assert sorted(np.asarray(mix.perm)) == list(range(256))
+  again = mixup.sample_mix(jax.random.key(3), 256, alpha=0.4)
+  np.testing.assert_array_equal(np.asarray(again.lam), lam)
+  # Beta(0.4, 0.4) folded onto [0.5, 1] has most mass near 1: its mean is ~0.82
+  assert 0.75 < lam.mean() < 0.9
+  x = jnp.arange(6.0).reshape(3, 2)
+  fixed = mixup.Mix(jnp.array([1.0, 0.5, 0.75]), jnp.array([2, 0, 1], jnp.int32))
+  np.testing.assert_allclose(mixup.mix_inputs(x, fixed), [[0, 1], [1, 2], [3.5, 4.5]])
+
+
+def test_mixup_loss_wants_per_sample_losses():
+  mix = mixup.Mix(jnp.ones(4), jnp.arange(4, dtype=jnp.int32))
+  with pytest.raises(ValueError, match='reduction="none"'):
+    mixup.mixup_loss(losses.cross_entropy, jnp.zeros((4, 3)), jnp.zeros(4, jnp.int32), mix)
+
+
+def test_discriminative_lrs_follow_fastai_slice():
+  np.testing.assert_allclose(optim.discriminative_lrs(1e-3, 1e-1, 3), [1e-3, 1e-2, 1e-1], rtol=1e-12)
+  assert optim.discriminative_lrs(1e-2, None, 3) == [1e-3, 1e-3, 1e-2]
+  ulmfit = optim.discriminative_lrs(1e-2 / 2.6 ** 3, 1e-2, 4)
+  np.testing.assert_allclose(np.array(ulmfit[1:]) / ulmfit[:-1], 2.6, rtol=1e-12)
+
+
+def test_label_params_rules_and_unmatched_error():
+  params = {'encoder': {'w': jnp.ones(1)}, 'head': {'w': jnp.ones(1)}, 'odd': jnp.ones(1)}
+  labels = optim.label_params(params, [('^encoder/', 'body'), (lambda p: p.startswith('head'), 'head')], default='rest')
+  assert labels == {'encoder': {'w': 'body'}, 'head': {'w': 'head'}, 'odd': 'rest'}
+  with pytest.raises(ValueError, match="parameter 'odd' matches no rule"):
+    optim.label_params(params, [('^encoder/', 'body'), ('^head/', 'head')])
+
+
+def test_fastai_optimizer_checks_groups():
+  labels = {'a': 'g0', 'b': 'g1'}
+  with pytest.raises(ValueError, match=r"no learning rate for groups \['g1'\]"):
+    optim.fastai_optimizer(labels, {'g0': 1e-3})
+  with pytest.raises(ValueError, match=r"frozen groups \['g9'\] are not among the labels"):
+    optim.fastai_optimizer(labels, {'g0': 1e-3, 'g1': 1e-3}, frozen=['g9'])
+
+
+def test_fastai_adam_first_step_by_hand():
+  """Step 1: averages are (1-mom) g and (1-sqr_mom) g^2, debiased back to g and g^2, so the
+  update is -lr * g / (|g| + eps) after p *= 1 - lr * wd."""
+  p, g, lr, wd = jnp.array([2.0, -1.0]), jnp.array([0.5, -3.0]), 0.1, 0.01
+  tx = optim.fastai_adam(lr, wd=wd)
+  updates, _ = tx.update(g, tx.init(p), p)
+  expected = np.array([2.0, -1.0]) * (1 - lr * wd) - lr * np.array([0.5, -3.0]) / (np.array([0.5, 3.0]) + 1e-5)
+  np.testing.assert_allclose(np.asarray(optax.apply_updates(p, updates)), expected, rtol=1e-6)
+
+
+def test_schedules_reject_bad_arguments():
+  with pytest.raises(ValueError, match='total_steps must be >= 1'):
+    schedules.one_cycle(0, 1e-3)
+  with pytest.raises(ValueError, match='pct_start must be in'):
+    schedules.one_cycle(10, 1e-3, pct_start=1.5)
+  with pytest.raises(ValueError, match='to have a rising part'):
+    schedules.stlr(5, cut_frac=0.1)
+
+
+def test_dynamic_loss_scale_rejects_bad_factors():
+  with pytest.raises(ValueError, match='backoff_factor=2.0'):
+    precision.dynamic_loss_scale(optax.sgd(1.0), backoff_factor=2.0)
+
+
+class Mlp(nnx.Module):
+  def __init__(self, policy, *, rngs):
+    self.l1 = nnx.Linear(4, 8, **policy.module_kwargs(), rngs=rngs)
+    self.bn = nnx.BatchNorm(8, **policy.norm_kwargs(), rngs=rngs)
+    self.l2 = nnx.Linear(8, 2, **policy.module_kwargs(), rngs=rngs)
+
+  def __call__(self, x):
+    return self.l2(jax.nn.relu(self.bn(self.l1(x))))
+
+
+@pytest.mark.parametrize('name', ['bf16', 'fp16'])
+def test_low_precision_step_keeps_fp32_master_weights(name):
+  policy = precision.get_policy(name)
+  model = Mlp(policy, rngs=nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  tx = optim.fastai_optimizer(optim.label_params(params, [('', 'all')]), {'all': 1e-2})
+  if policy.needs_loss_scaling:
+    tx = precision.torch_grad_scaler(tx)
+  seen = {}
+
+  def loss_fn(m, batch, rng, carry):
+    logits = m(batch[0])
+    seen['dtype'] = logits.dtype
+    return losses.cross_entropy(logits, batch[1]), (carry, {})
+  state = init_train_state(model, tx)
+  step = make_train_step(model, loss_fn, tx)
+  batch = (jax.random.normal(jax.random.key(1), (8, 4)), jnp.array([0, 1, 0, 1, 1, 1, 0, 1]))
+  first = None
+  for _ in range(3):
+    state, _, metrics = step(state, batch, jax.random.key(0), None)
+    first = first or float(metrics['loss'])
+  assert seen['dtype'] == policy.compute_dtype
+  assert {leaf.dtype for leaf in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
+  assert {leaf.dtype for leaf in jax.tree.leaves(state.rest)} == {jnp.dtype(jnp.float32)}  # BN stats fp32
+  assert float(metrics['loss']) < first
