@@ -29,7 +29,8 @@ import torch_ref.awd_lstm as ref  # noqa: E402
 import torch_ref.losses as ref_losses  # noqa: E402
 from flax_ulmfit.interop import flax_to_torch, torch_to_flax  # noqa: E402
 from flax_ulmfit.models import LanguageModel, awd_lstm_lm_config  # noqa: E402
-from flax_ulmfit.train import losses, optim, precision  # noqa: E402
+from flax_ulmfit.train import optim, precision  # noqa: E402
+from flax_ulmfit.train.lm import lm_loss  # noqa: E402
 from flax_ulmfit.train.step import init_train_state, make_train_step  # noqa: E402
 
 LR, CLIP = 1e-3, 0.4
@@ -47,13 +48,6 @@ def parse_args():
   parser.add_argument('--steps', type=int, default=5, help='timed steps per framework and precision')
   parser.add_argument('--warmup', type=int, default=2)
   return parser.parse_args()
-
-
-def lm_loss(model, batch, rng, carry):
-  x, y = batch
-  logits, state, extras = model(x, carry, model.sample_masks(rng, x.shape[0]))
-  loss = losses.cross_entropy_flat(logits, y) + losses.ar_tar(extras.raw, extras.dropped)
-  return loss, (jax.lax.stop_gradient(state), {})
 
 
 class FlaxRunner:

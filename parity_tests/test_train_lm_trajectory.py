@@ -16,20 +16,14 @@ from flax import nnx
 import torch_ref.losses as tl
 import torch_ref.schedules as ts
 from flax_ulmfit.interop import flax_to_torch
-from flax_ulmfit.train import losses, optim, schedules
+from flax_ulmfit.train import optim, schedules
+from flax_ulmfit.train.lm import lm_loss
 from flax_ulmfit.train.step import init_train_state, make_train_step
 from parity_tests.awd_lstm_cases import HEAVY, as_jax, numpy_masks, tokens, twin_models
 from torch_ref.optim import Adam
 
 STEPS, BS, BPTT, CLIP, LR = 5, 3, 8, 0.5, 1e-2
 MOMS = (0.8, 0.7, 0.8)
-
-
-def lm_loss_fn(model, batch, rng, carry):
-  x, y, masks = batch
-  logits, state, extras = model(x, carry, masks)
-  loss = losses.cross_entropy_flat(logits, y) + losses.ar_tar(extras.raw, extras.dropped)
-  return loss, (jax.lax.stop_gradient(state), {})
 
 
 def test_five_step_lm_trajectory_matches_torch_ref():
@@ -48,7 +42,7 @@ def test_five_step_lm_trajectory_matches_torch_ref():
   tx = optim.fastai_optimizer(labels, {g: schedules.one_cycle(STEPS, lr) for g, lr in zip(groups, lrs)},
                               mom=schedules.one_cycle_moms(STEPS, MOMS), wd_mask=wd_mask, clip_norm=CLIP)
   state = init_train_state(flax_lm, tx)
-  step = make_train_step(flax_lm, lm_loss_fn, tx)
+  step = make_train_step(flax_lm, lm_loss, tx)
 
   torch_lm.train()
   encoder = torch_lm[0]

@@ -1,5 +1,6 @@
-"""LM train step: it learns, it is deterministic given the key, and data parallelism over
-2 devices gives the single-device result."""
+"""The LM loss in the generic train step: it learns, it is deterministic given the key,
+evaluation gives the model's cross-entropy, and data parallelism over 2 devices gives the
+single-device result."""
 from __future__ import annotations
 
 import json
@@ -15,25 +16,22 @@ import optax
 from flax import nnx
 
 from flax_ulmfit.models import LanguageModel, awd_lstm_lm_config
-from flax_ulmfit.train.lm import make_lm_eval_step, make_lm_train_step
+from flax_ulmfit.train.lm import lm_loss
+from flax_ulmfit.train.step import init_train_state, make_eval_step, make_train_step
 
 CONFIG = dict(awd_lstm_lm_config, emb_sz=8, n_hid=12, n_layers=2)
+IDS = np.random.default_rng(0).integers(0, 30, (4, 9)).astype(np.int32)
 
 
 def _train(drop_mult: float, steps: int, lr: float = 1e-2):
   model = LanguageModel(30, CONFIG, drop_mult, rngs=nnx.Rngs(0))
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tx = optax.adam(lr)
-  opt_state = tx.init(params)
-  step = make_lm_train_step(graphdef, tx)
-  ids = np.random.default_rng(0).integers(0, 30, (4, 9)).astype(np.int32)
-  state, losses = model.zero_state(4), []
-  for i in range(steps):
-    params, opt_state, state, metrics = step(params, opt_state, rest, ids[:, :-1], ids[:, 1:], state,
-                                             jax.random.key(i))
-    state = model.zero_state(4)  # the same batch every time: restart the text
+  state, step = init_train_state(model, tx), make_train_step(model, lm_loss, tx)
+  losses = []
+  for i in range(steps):  # the same batch every time, each from the start of the text
+    state, _, metrics = step(state, (IDS[:, :-1], IDS[:, 1:]), jax.random.key(i), model.zero_state(4))
     losses.append(float(metrics['cross_entropy']))
-  return losses, params
+  return losses, state.params
 
 
 def test_train_step_learns_a_repeated_batch():
@@ -47,16 +45,15 @@ def test_train_step_is_deterministic_given_the_keys():
     np.testing.assert_array_equal(x, y)
 
 
-def test_eval_step_cross_entropy_matches_the_model():
+def test_eval_step_gives_the_models_cross_entropy_without_ar_tar():
   model = LanguageModel(30, CONFIG, rngs=nnx.Rngs(0))
-  model.eval()
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  ids = np.random.default_rng(1).integers(0, 30, (2, 7)).astype(np.int32)
-  _, cross_entropy = make_lm_eval_step(graphdef)(params, rest, ids[:, :-1], ids[:, 1:], None)
-  logits = np.asarray(model(ids[:, :-1])[0], np.float64)
+  state = init_train_state(model, optax.sgd(0.1))
+  _, metrics = make_eval_step(model, lm_loss)(state, (IDS[:, :-1], IDS[:, 1:]), None)
+  logits = np.asarray(model(IDS[:, :-1])[0], np.float64)  # make_eval_step set eval mode
   log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-  expected = -np.take_along_axis(log_probs, ids[:, 1:, None], -1).mean()
-  assert abs(float(cross_entropy) - expected) < 1e-5
+  expected = -np.take_along_axis(log_probs, IDS[:, 1:, None], -1).mean()
+  assert abs(float(metrics['loss']) - expected) < 1e-5
+  assert float(metrics['loss']) == float(metrics['cross_entropy'])
 
 
 DATA_PARALLEL_SCRIPT = textwrap.dedent('''
@@ -65,25 +62,23 @@ DATA_PARALLEL_SCRIPT = textwrap.dedent('''
     from flax import nnx
     from flax_ulmfit import parallel
     from flax_ulmfit.models import LanguageModel, awd_lstm_lm_config
-    from flax_ulmfit.train.lm import make_lm_train_step
+    from flax_ulmfit.train.lm import lm_loss
+    from flax_ulmfit.train.step import init_train_state, make_train_step
     config = dict(awd_lstm_lm_config, emb_sz=8, n_hid=12, n_layers=2)
     ids = np.random.default_rng(0).integers(0, 30, (4, 9)).astype(np.int32)
     results = {}
     for n_devices in (1, 2):
       model = LanguageModel(30, config, drop_mult=0.0, rngs=nnx.Rngs(0))
-      graphdef, params, rest = nnx.split(model, nnx.Param, ...)
       tx = optax.adam(1e-2)
-      opt_state = tx.init(params)
       mesh = parallel.data_mesh(jax.devices()[:n_devices]) if n_devices > 1 else None
-      step = make_lm_train_step(graphdef, tx, mesh=mesh)
-      state = model.zero_state(4)
-      x, y = ids[:, :-1], ids[:, 1:]
+      state, step = init_train_state(model, tx), make_train_step(model, lm_loss, tx, mesh=mesh)
+      carry, batch = model.zero_state(4), (ids[:, :-1], ids[:, 1:])
       if mesh is not None:
-        params, opt_state, rest = parallel.replicate((params, opt_state, rest), mesh)
-        state, x, y = parallel.shard_batch((state, x, y), mesh)
+        state = parallel.replicate(state, mesh)
+        carry, batch = parallel.shard_batch((carry, batch), mesh)
       for i in range(3):
-        params, opt_state, state, metrics = step(params, opt_state, rest, x, y, state, jax.random.key(i))
-      results[n_devices] = [float(metrics['loss'])] + [float(np.abs(p).sum()) for p in jax.tree.leaves(params)]
+        state, carry, metrics = step(state, batch, jax.random.key(i), carry)
+      results[n_devices] = [float(metrics['loss'])] + [float(np.abs(p).sum()) for p in jax.tree.leaves(state.params)]
     json.dump(results, sys.stdout)
 ''')
 

@@ -14,6 +14,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jax.sharding import Mesh
+
+from flax_ulmfit.parallel import BATCH, DATA_AXIS, REPLICATED, data_parallel
 from flax_ulmfit.train.precision import loss_scale
 
 LossFn = Callable[[nnx.Module, Any, jax.Array, Any], tuple[jax.Array, tuple[Any, dict]]]
@@ -33,19 +36,31 @@ def init_train_state(model: nnx.Module, tx: optax.GradientTransformation) -> Tra
   return TrainState(params, rest, tx.init(params))
 
 
-def make_train_step(model: nnx.Module, loss_fn: LossFn, tx: optax.GradientTransformation) -> Callable:
+def _mean_over_devices(tree):
+  """pmean over the data axis of every floating leaf (BatchNorm statistics); keys and counters stay."""
+  return jax.tree.map(lambda x: jax.lax.pmean(x, DATA_AXIS) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def make_train_step(model: nnx.Module, loss_fn: LossFn, tx: optax.GradientTransformation,
+                    mesh: Mesh | None = None) -> Callable:
   """Returns `step(state, batch, rng, carry) -> (state, carry, metrics)`, jitted, `state` donated.
 
   `model` is put in train mode and split once; the step merges the graph with the state
   it is given, so `model` itself is not updated (use `update_model`). If `tx` contains a
   `dynamic_loss_scale`, the loss is multiplied by its current scale before differentiation.
   `metrics` holds `loss` (unscaled) plus `loss_fn`'s metrics, all device scalars.
+
+  With `mesh` (`parallel.data_mesh()`), the step is data-parallel: place `state` with
+  `parallel.replicate` and `batch` and `carry` with `parallel.shard_batch`; each device
+  draws its own randomness, and gradients, metrics and BatchNorm statistics are averaged.
   """
   model.train()
   graphdef = nnx.graphdef(model)
 
   def step(state: TrainState, batch, rng, carry):
     scale = loss_scale(state.opt_state)
+    if mesh is not None:
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(DATA_AXIS))
 
     def objective(params):
       module = nnx.merge(graphdef, params, state.rest, copy=True)
@@ -55,10 +70,15 @@ def make_train_step(model: nnx.Module, loss_fn: LossFn, tx: optax.GradientTransf
       return scaled, (loss, new_carry, metrics, rest)
 
     grads, (loss, carry, metrics, rest) = jax.grad(objective, has_aux=True)(state.params)
+    if mesh is not None:
+      grads, loss, metrics, rest = _mean_over_devices((grads, loss, metrics, rest))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return TrainState(params, rest, opt_state), carry, {'loss': loss, **metrics}
 
+  if mesh is not None:
+    step = data_parallel(step, mesh, in_specs=(REPLICATED, BATCH, REPLICATED, BATCH),
+                         out_specs=(REPLICATED, BATCH, REPLICATED))
   return jax.jit(step, donate_argnums=0)  # not the carry: callers may pass one zeros array twice
 
 
