@@ -9,6 +9,7 @@ import bz2
 import csv
 import importlib.util
 import io
+import itertools
 import os
 import re
 import warnings
@@ -40,30 +41,27 @@ def package_dir(package: str) -> Path:
 
 
 def iter_wikitext(path: str | os.PathLike) -> Iterator[str]:
-    """Articles of a WikiText-103/-2 token file (e.g. `wiki.train.tokens`), one string each,
-    split at ` = Title = ` lines, `<unk>` written as `xxunk`; streams the file."""
+    """Articles of a WikiText-103/-2 token file (e.g. `wiki.train.tokens`), one string each
+    starting with its ` = Title = ` line, `<unk>` written as `xxunk`; streams the file.
+    Articles with a title and no text are skipped (and counted)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'iter_wikitext: no WikiText token file at {path}')
-    lines, n_bad, n_empty = [], 0, 0
+    lines, titled, n_bad, n_empty = [], False, 0, 0
     with open(path, 'rb') as f:
-        for raw in f:
+        for raw in itertools.chain(f, [b' = END = ']):   # a last title flushes the last article
             try:
                 line = raw.decode('utf-8')
             except UnicodeDecodeError:
                 line = raw.decode('utf-8', errors='replace')
                 n_bad += line.count('\ufffd') - raw.count('\ufffd'.encode())
-            if _WIKITEXT_TITLE.match(line.rstrip('\n')) and lines:
-                article = ''.join(lines).strip()
-                if article:
-                    yield article.replace('<unk>', UNK)
-                else:
+            if _WIKITEXT_TITLE.match(line.rstrip('\n')):
+                if ''.join(lines[titled:]).strip():
+                    yield ''.join(lines).strip().replace('<unk>', UNK)
+                elif titled:
                     n_empty += 1
-                lines = []
+                lines, titled = [], True
             lines.append(line)
-    article = ''.join(lines).strip()
-    if article:
-        yield article.replace('<unk>', UNK)
     if n_bad:
         warnings.warn(f'{path}: {n_bad} undecodable utf-8 byte sequence(s) replaced by U+FFFD',
                       stacklevel=2)

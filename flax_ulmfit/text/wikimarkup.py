@@ -9,12 +9,12 @@ _BLOCK_TAGS = re.compile(r'<(gallery|math|timeline|score|syntaxhighlight|source|
 _TAG = re.compile(r'</?[a-zA-Z][^>]*>')
 _TEMPLATE = re.compile(r'\{\{[^{}]*\}\}')         # innermost; repeated for nesting
 _TABLE = re.compile(r'\{\|[^{}]*?\|\}', re.S)     # innermost; repeated for nesting
-_FILE_LINK = re.compile(r'\[\[(?:File|Image|Category|Media|[a-z]{2,3}(?:-[a-z]+)?):'
-                        r'[^\[\]]*\]\]', re.I)      # innermost; repeated for nested captions
-_LINK = re.compile(r'\[\[(?:[^\[\]|]*\|)?([^\[\]]*)\]\]')
+_NAMESPACE = r'(?:File|Image|Category|Media|[a-z]{2,3}(?:-[a-z]+)?):'   # and interlanguage
+_FILE_LINK = re.compile(rf'\[\[{_NAMESPACE}[^\[\]]*\]\]', re.I)   # innermost only
+_LINK = re.compile(rf'\[\[(?!{_NAMESPACE})(?:[^\[\]|]*\|)?([^\[\]]*)\]\]', re.I)
 _EXT_LINK = re.compile(r'\[(?:https?|ftp)://[^\s\]]*\s*([^\]]*)\]')
 _BOLD_ITALIC = re.compile(r"'{2,}")
-_HEADING = re.compile(r'^(=+)\s*(.*?)\s*\1\s*$', re.M)
+_HEADING = re.compile(r'^(=+)[ \t]*(.*?)[ \t]*\1[ \t]*$', re.M)
 _LIST_MARK = re.compile(r'^[*#:;]+\s*', re.M)
 _BLANK_LINES = re.compile(r'\n{3,}')
 
@@ -36,9 +36,12 @@ def strip_markup(wikitext: str) -> str:
     t = _BLOCK_TAGS.sub('', t)
     t = _repeat(_TEMPLATE, '', t)
     t = _repeat(_TABLE, '', t)
-    t = _repeat(_FILE_LINK, '', t)
-    t = _LINK.sub(r'\1', t)
     t = _EXT_LINK.sub(r'\1', t)
+    while True:   # links inside file captions go first, then the file link itself
+        t, n_links = _LINK.subn(r'\1', t)
+        t, n_files = _FILE_LINK.subn('', t)
+        if not n_links + n_files:
+            break
     t = _TAG.sub('', t)
     t = _BOLD_ITALIC.sub('', t)
     t = _HEADING.sub(r'\2', t)
