@@ -16,12 +16,13 @@ from flax_ulmfit.text.words import WordSplitter
 
 CACHE_FORMAT = 'flax_ulmfit.tokens/1'
 
-_splitter = None   # this worker process's WordSplitter
+_splitter = None   # this worker process's WordSplitter (English one built by `preload`)
 
 
 def _init_worker(lang: str):
     global _splitter
-    _splitter = WordSplitter(lang)
+    if _splitter is None or _splitter.lang != lang:
+        _splitter = WordSplitter(lang)
 
 
 def _split_chunk(texts: list[str]) -> list[str]:
@@ -94,7 +95,7 @@ class Tokenizer:
                     yield from self._emit(self._load(key, len(chunk)) or self._local(key, chunk), bar)
                 return
             ctx = multiprocessing.get_context('forkserver')   # fork is unsafe once JAX runs
-            ctx.set_forkserver_preload(['flax_ulmfit.text.words'])
+            ctx.set_forkserver_preload(['flax_ulmfit.text.preload'])
             with ProcessPoolExecutor(self.n_workers, mp_context=ctx, initializer=_init_worker,
                                      initargs=(self.lang,)) as pool:
                 pending = collections.deque()

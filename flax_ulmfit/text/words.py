@@ -59,6 +59,7 @@ class WordSplitter:
     """Tokenizes texts exactly as fastai 2.8's default rules + spaCy do, with memoised pieces."""
 
     def __init__(self, lang: str = 'en'):
+        self.lang = lang
         self.spacy_tokenizer = blank_tokenizer(lang)
         self.safe_spaces = _safe_spaces(_bridging_pairs(self.spacy_tokenizer))
         self.pieces: dict[str, tuple[str, ...]] = {}   # piece -> its tokens, post-rule applied
