@@ -25,10 +25,12 @@ def test_matches_fastai_golden_in_process(golden):
     assert not mismatched, f'texts {mismatched[:5]} differ from fastai 2.8'
 
 
-def test_matches_fastai_golden_in_parallel_chunks_keep_order(golden, tmp_path):
+@pytest.mark.parametrize('start_method', ['fork', 'forkserver'])
+def test_matches_fastai_golden_in_parallel_chunks_keep_order(golden, tmp_path, start_method):
     texts, expected = golden
     # ~8 work units over 2 processes: the answers must come back in order
-    tok = Tokenizer(n_workers=2, chunk_chars=40_000, cache_dir=tmp_path, progress=False)
+    tok = Tokenizer(n_workers=2, chunk_chars=40_000, cache_dir=tmp_path, progress=False,
+                    start_method=start_method)
     assert tok(texts) == expected
     assert len(list(tmp_path.glob('*.json'))) > 2
 

@@ -16,7 +16,7 @@ from flax_ulmfit.text.words import WordSplitter
 
 CACHE_FORMAT = 'flax_ulmfit.tokens/1'
 
-_splitter = None   # this worker process's WordSplitter (English one built by `preload`)
+_splitter = None   # this process's WordSplitter (in a forkserver, `preload` builds it)
 
 
 def _init_worker(lang: str):
@@ -28,6 +28,19 @@ def _init_worker(lang: str):
 def _split_chunk(texts: list[str]) -> list[str]:
     """Tokens of each text joined by spaces (tokens never hold one: `replace_space`)."""
     return [' '.join(toks) for toks in _splitter(texts)]
+
+
+def _pool_context(lang: str, start_method: str | None):
+    """fork, with workers inheriting a ready splitter, unless JAX is loaded (forking a JAX
+    process can deadlock); then forkserver, whose server holds the ready English splitter."""
+    if start_method is None:
+        start_method = 'forkserver' if 'jax' in sys.modules else 'fork'
+    ctx = multiprocessing.get_context(start_method)
+    if start_method == 'fork':
+        _init_worker(lang)
+    elif start_method == 'forkserver':
+        ctx.set_forkserver_preload(['flax_ulmfit.text.preload'])
+    return ctx
 
 
 def _chunks(texts: Iterable[str], chunk_chars: int) -> Iterator[list[str]]:
@@ -60,11 +73,14 @@ class Tokenizer:
       chunk_chars: characters per unit of work (and per cache file).
       cache_dir: folder for the on-disk cache, or None for no cache.
       progress: show a tqdm progress bar (documents).
+      start_method: how worker processes start (multiprocessing's name); None: 'fork',
+        or 'forkserver' once JAX is imported (then, as with 'spawn', the main script is
+        imported again in each worker: guard it with `if __name__ == '__main__':`).
     """
 
     def __init__(self, lang: str = 'en', n_workers: int | None = None,
                  chunk_chars: int = 500_000, cache_dir: str | os.PathLike | None = None,
-                 progress: bool = True):
+                 progress: bool = True, start_method: str | None = None):
         import spacy
         if n_workers is None:
             n_workers = len(os.sched_getaffinity(0))
@@ -73,9 +89,8 @@ class Tokenizer:
                              f'{n_workers=}, {chunk_chars=}')
         self.lang, self.n_workers, self.chunk_chars = lang, n_workers, chunk_chars
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
-        self.progress = progress
+        self.progress, self.start_method = progress, start_method
         self.name = f'fastai-2.8-default-rules/spacy-{spacy.__version__}-blank-{lang}'
-        self._splitter = None
 
     def __call__(self, texts: Iterable[str]) -> list[list[str]]:
         """The token list of each text (each starts with `xxbos`)."""
@@ -94,8 +109,7 @@ class Tokenizer:
                     key = self._key(chunk)
                     yield from self._emit(self._load(key, len(chunk)) or self._local(key, chunk), bar)
                 return
-            ctx = multiprocessing.get_context('forkserver')   # fork is unsafe once JAX runs
-            ctx.set_forkserver_preload(['flax_ulmfit.text.preload'])
+            ctx = _pool_context(self.lang, self.start_method)
             with ProcessPoolExecutor(self.n_workers, mp_context=ctx, initializer=_init_worker,
                                      initargs=(self.lang,)) as pool:
                 pending = collections.deque()
@@ -110,9 +124,8 @@ class Tokenizer:
                     yield from self._finish(pending.popleft(), bar)
 
     def _local(self, key: str, chunk: list[str]) -> list[str]:
-        if self._splitter is None:
-            self._splitter = WordSplitter(self.lang)
-        docs = [' '.join(toks) for toks in self._splitter(chunk)]
+        _init_worker(self.lang)
+        docs = _split_chunk(chunk)
         self._store(key, docs)
         return docs
 

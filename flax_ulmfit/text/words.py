@@ -70,8 +70,6 @@ class WordSplitter:
 
     def _learn(self, pieces: list[str]):
         """Tokenizes unseen pieces with one spaCy call (`_SEP` makes a token of its own)."""
-        if len(self.pieces) + len(pieces) > _MAX_PIECES:
-            self.pieces.clear()
         # only punctuation and symbols start affix or infix splits: a piece of ASCII lowercase
         # letters or of digits alone is one token unless it is a special case ("cannot")
         plain = [p for p in pieces if p.isascii() and (p.isalpha() and p.islower() or p.isdigit())
@@ -93,6 +91,8 @@ class WordSplitter:
             t = apply_rules(text)
             # spaCy keeps leading whitespace whole (never after fastai's `lowercase`)
             split.append(t if t[:1].isspace() or _SEP in t else self.safe_spaces.split(t))
+        if len(self.pieces) > _MAX_PIECES:
+            self.pieces.clear()
         unseen = set().union(*(s for s in split if isinstance(s, list))).difference(self.pieces)
         if unseen:
             self._learn(list(unseen))
