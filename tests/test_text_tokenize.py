@@ -1,0 +1,111 @@
+"""Tokenizer: token-for-token equal to fastai 2.8 (golden file), parallel, cached, streamed."""
+import itertools
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+
+from flax_ulmfit.text import Tokenizer, rules, tokenize
+
+GOLDEN = Path(__file__).parent / 'golden' / 'tokenizer_fastai.json'
+
+
+@pytest.fixture(scope='module')
+def golden():
+    data = json.loads(GOLDEN.read_text(encoding='utf-8'))
+    assert data['fastai_version'].startswith('2.8')
+    return [c['text'] for c in data['cases']], [c['tokens'] for c in data['cases']]
+
+
+def test_matches_fastai_golden_in_process(golden):
+    texts, expected = golden
+    got = Tokenizer(n_workers=1, progress=False)(texts)
+    mismatched = [i for i, (g, e) in enumerate(zip(got, expected)) if g != e]
+    assert not mismatched, f'texts {mismatched[:5]} differ from fastai 2.8'
+
+
+@pytest.mark.parametrize('start_method', ['fork', 'forkserver'])
+def test_matches_fastai_golden_in_parallel_chunks_keep_order(golden, tmp_path, start_method):
+    texts, expected = golden
+    # ~8 work units over 2 processes: the answers must come back in order
+    tok = Tokenizer(n_workers=2, chunk_chars=40_000, cache_dir=tmp_path, progress=False,
+                    start_method=start_method)
+    assert tok(texts) == expected
+    assert len(list(tmp_path.glob('*.json'))) > 2
+
+
+def test_rules_follow_fastai_docs():
+    # examples from fastai's documentation of each rule (docs.fast.ai/text.core)
+    assert rules.replace_rep('I\'m so excited!!!!!!!!') == 'I\'m so excited xxrep 8 ! '
+    assert rules.replace_wrep('I\'ve never ever ever ever ever ever ever ever done this.') == \
+        'I\'ve never xxwrep 7 ever  done this.'
+    assert rules.spec_add_spaces('#fastai') == ' # fastai'
+    assert rules.spec_add_spaces('/fastai') == ' / fastai'
+    assert rules.spec_add_spaces('\\fastai') == ' \\ fastai'
+    assert rules.rm_useless_spaces('Inconsistent   use  of     spaces') == \
+        'Inconsistent use of spaces'
+    assert rules.replace_all_caps('I AM SHOUTING') == 'i xxup am xxup shouting'
+    assert rules.replace_all_caps('I\'m suddenly SHOUTING FOR NO REASON') == \
+        'I\'m suddenly xxup shouting xxup for xxup no xxup reason'
+    assert rules.replace_maj('Jeremy Howard') == 'xxmaj jeremy xxmaj howard'
+    assert rules.replace_maj("I don't think there is any maj here") == \
+        "i don't think there is any maj here"
+    assert rules.fix_html('<br />text\\nline') == '\ntext\nline'
+    assert rules.fix_html('#39;bli#146;') == "'bli'"
+    assert rules.fix_html('Sarah amp; Duck...') == 'Sarah & Duck …'
+    assert rules.fix_html('a nbsp; #36;') == 'a   $'
+    assert rules.fix_html('\\" <unk>') == '" xxunk'
+    assert rules.fix_html('quot;  @.@  @-@ ') == "' .-"
+    assert rules.lowercase('  Hello  ') == 'xxbos hello'
+
+
+def test_stream_is_lazy():
+    endless = itertools.cycle(['Hello there!', 'SECOND text'])
+    first = list(itertools.islice(Tokenizer(n_workers=1, chunk_chars=50, progress=False)
+                                  .stream(endless), 3))
+    assert first == [['xxbos', 'xxmaj', 'hello', 'there', '!'],
+                     ['xxbos', 'xxup', 'second', 'text'],
+                     ['xxbos', 'xxmaj', 'hello', 'there', '!']]
+
+
+def test_cache_is_read_instead_of_tokenizing(tmp_path, monkeypatch):
+    texts = ['One text.', 'Another ONE']
+    expected = Tokenizer(n_workers=1, cache_dir=tmp_path, progress=False)(texts)
+
+    def fail(*args):
+        raise AssertionError('tokenized although the cache holds the result')
+    monkeypatch.setattr(tokenize.WordSplitter, '__call__', fail)
+    assert Tokenizer(n_workers=1, cache_dir=tmp_path, progress=False)(texts) == expected
+    with pytest.raises(AssertionError):   # a different text is a cache miss
+        Tokenizer(n_workers=1, cache_dir=tmp_path, progress=False)(texts + ['new'])
+
+
+def test_corrupt_cache_file_is_reported_and_replaced(tmp_path):
+    texts = ['Some text here']
+    expected = Tokenizer(n_workers=1, cache_dir=tmp_path, progress=False)(texts)
+    (path,) = tmp_path.glob('*.json')
+    path.write_text('{"format": "flax_ulmfit.tokens/1", "docs": [tru')
+    with pytest.warns(UserWarning, match='ignoring unusable cache file'):
+        assert Tokenizer(n_workers=1, cache_dir=tmp_path, progress=False)(texts) == expected
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')   # rewritten: read silently now
+        assert Tokenizer(n_workers=1, cache_dir=tmp_path, progress=False)(texts) == expected
+
+
+def test_cache_key_depends_on_tokenizer_name(tmp_path):
+    tok = Tokenizer(n_workers=1, cache_dir=tmp_path, progress=False)
+    tok(['Same text'])
+    tok.name = tok.name + '-other-settings'
+    tok(['Same text'])
+    assert len(list(tmp_path.glob('*.json'))) == 2
+
+
+def test_non_string_text_is_rejected_with_its_index():
+    with pytest.raises(TypeError, match=r'text #1 is a bytes, expected str'):
+        Tokenizer(n_workers=1, progress=False)(['fine', b'raw bytes'])
+
+
+def test_bad_settings_are_rejected():
+    with pytest.raises(ValueError, match='n_workers=0'):
+        Tokenizer(n_workers=0)
