@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -79,7 +80,7 @@ def _to_torch(array: np.ndarray, layout: str) -> np.ndarray:
 
 def xresnet_to_torch(model: XResNet | CNNModel) -> dict[str, np.ndarray]:
   """fastai state_dict (numpy arrays) of `model`; `{k: torch.from_numpy(v)}` loads with strict=True."""
-  return {key: np.ascontiguousarray(_to_torch(np.asarray(var[...]), layout)) for key, var, layout in _entries(model)}
+  return {key: np.array(_to_torch(np.asarray(var[...]), layout), order='C') for key, var, layout in _entries(model)}
 
 
 def xresnet_to_flax(state_dict: Mapping, model: XResNet | CNNModel) -> XResNet | CNNModel:
@@ -100,5 +101,5 @@ def xresnet_to_flax(state_dict: Mapping, model: XResNet | CNNModel) -> XResNet |
       array = array.transpose(2, 3, 1, 0)
     elif layout == 'linear':
       array = array.T
-    var[...] = np.asarray(array, dtype=var[...].dtype)
+    var[...] = jnp.array(array, dtype=var[...].dtype, copy=True)  # never alias torch tensor memory
   return model
