@@ -1,0 +1,92 @@
+"""Swappable convolution and pooling formulations for NHWC images (torch's padding semantics).
+
+`impl='xla'` uses `lax.conv_general_dilated` / `lax.reduce_window` (right on GPU/TPU);
+`impl='im2col'` writes each op as k*k strided slices (plus one matmul for a conv), which
+XLA's CPU backend runs several times faster than its convolution. `impl='auto'` picks
+im2col on CPU and xla elsewhere. Padding is symmetric like torch's `padding=p`, never
+Flax's 'SAME' (which pads asymmetrically for stride 2).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+CONV_IMPLS = ('auto', 'im2col', 'xla')
+
+
+def resolve_conv_impl(impl: str) -> str:
+  """Returns 'im2col' or 'xla' for `impl` in CONV_IMPLS ('auto': im2col on CPU, xla elsewhere)."""
+  if impl not in CONV_IMPLS:
+    raise ValueError(f'conv_impl must be one of {CONV_IMPLS}, got {impl=!r}')
+  if impl == 'auto':
+    return 'im2col' if jax.default_backend() == 'cpu' else 'xla'
+  return impl
+
+
+def _windows(x: jax.Array, ks: int, stride: int, out_hw: tuple[int, int]):
+  """Yields the ks*ks strided (N, Ho, Wo, C) slices of padded `x`, row-major over the window."""
+  ho, wo = out_hw
+  for i in range(ks):
+    for j in range(ks):
+      yield lax.slice(x, (0, i, j, 0), (x.shape[0], i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1,
+                                        x.shape[3]), (1, stride, stride, 1))
+
+
+def _out_size(size: int, ks: int, stride: int, padding: int) -> int:
+  return (size + 2 * padding - ks) // stride + 1
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int, impl: str = 'auto') -> jax.Array:
+  """Convolution of (N, H, W, Cin) `x` with a (k, k, Cin, Cout) HWIO `kernel`, torch semantics."""
+  impl = resolve_conv_impl(impl)
+  ks = kernel.shape[0]
+  if impl == 'xla':
+    return lax.conv_general_dilated(x, kernel, (stride, stride), [(padding, padding)] * 2,
+                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  out_hw = (_out_size(x.shape[1], ks, stride, padding), _out_size(x.shape[2], ks, stride, padding))
+  if padding:
+    x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  patches = list(_windows(x, ks, stride, out_hw))
+  patches = patches[0] if len(patches) == 1 else jnp.concatenate(patches, axis=-1)
+  return jnp.dot(patches, kernel.reshape(-1, kernel.shape[-1]))
+
+
+def max_pool(x: jax.Array, ks: int, stride: int, padding: int, impl: str = 'auto') -> jax.Array:
+  """torch's MaxPool2d(ks, stride, padding) on NHWC `x` (padding never wins the max)."""
+  impl = resolve_conv_impl(impl)
+  pads = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+  if impl == 'xla':
+    return lax.reduce_window(x, -jnp.inf, lax.max, (1, ks, ks, 1), (1, stride, stride, 1), pads)
+  out_hw = (_out_size(x.shape[1], ks, stride, padding), _out_size(x.shape[2], ks, stride, padding))
+  x = jnp.pad(x, pads, constant_values=-jnp.inf)
+  out = None
+  for window in _windows(x, ks, stride, out_hw):
+    out = window if out is None else jnp.maximum(out, window)
+  return out
+
+
+def avg_pool_ceil(x: jax.Array) -> jax.Array:
+  """torch's AvgPool2d(2, ceil_mode=True) on NHWC `x`.
+
+  At an odd edge the last window hangs over the input; torch divides by the number of
+  elements it covers inside the input (1 or 2 instead of 4), so the edge is a plain mean.
+  """
+  n, h, w, c = x.shape
+  hp, wp = h + h % 2, w + w % 2
+  summed = jnp.pad(x, ((0, 0), (0, hp - h), (0, wp - w), (0, 0)))
+  summed = summed.reshape(n, hp // 2, 2, wp // 2, 2, c).sum(axis=(2, 4))
+  counts = np.outer(np.minimum(np.arange(0, hp, 2) + 2, h) - np.arange(0, hp, 2),
+                    np.minimum(np.arange(0, wp, 2) + 2, w) - np.arange(0, wp, 2))
+  return summed / jnp.asarray(counts, x.dtype)[None, :, :, None]
+
+
+def adaptive_avg_pool(x: jax.Array) -> jax.Array:
+  """AdaptiveAvgPool2d(1) + Flatten: (N, H, W, C) -> (N, C)."""
+  return x.mean(axis=(1, 2))
+
+
+def adaptive_max_pool(x: jax.Array) -> jax.Array:
+  """AdaptiveMaxPool2d(1) + Flatten: (N, H, W, C) -> (N, C)."""
+  return x.max(axis=(1, 2))
