@@ -21,7 +21,12 @@ _META = '__metadata__'
 
 
 def _entries(tree: Any) -> dict[str, Any]:
-  return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  """Leaves by '/'-joined path (a flat state_dict keeps its own key names)."""
+  entries = {jax.tree_util.keystr(path, simple=True, separator='/'): leaf
+             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  if _META in entries:
+    raise ValueError(f'checkpoint: {_META!r} is reserved for the metadata; rename that entry')
+  return entries
 
 
 def save(path: str | os.PathLike, tree: Any, metadata: dict | None = None) -> None:
