@@ -1,9 +1,11 @@
-"""Flax NNX models: AWD-LSTM language model (and, with the vision issue, XResNet)."""
+"""Flax NNX models: the AWD-LSTM language model and the XResNet family."""
 from flax_ulmfit.models.awd_lstm import (AWDLSTM, LanguageModel, LinearDecoder, LMExtras,
                                          awd_lstm_clas_config, awd_lstm_lm_config)
 from flax_ulmfit.models.dropout import EmbeddingDropout, RNNDropout, WeightDropout, dropout_mask
 from flax_ulmfit.models.lstm import LSTM
+from flax_ulmfit.models.xresnet import XResNet, xresnet18, xresnet34, xresnet50, xresnet101, xresnet152
 
 __all__ = ['AWDLSTM', 'LanguageModel', 'LinearDecoder', 'LMExtras', 'awd_lstm_lm_config',
            'awd_lstm_clas_config', 'EmbeddingDropout', 'RNNDropout', 'WeightDropout',
-           'dropout_mask', 'LSTM']
+           'dropout_mask', 'LSTM', 'XResNet', 'xresnet18', 'xresnet34', 'xresnet50', 'xresnet101',
+           'xresnet152']
