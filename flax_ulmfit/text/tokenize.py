@@ -4,6 +4,7 @@ import hashlib
 import itertools
 import multiprocessing
 import os
+import sys
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -107,7 +108,8 @@ class Tokenizer:
             if self.n_workers == 1 or len(head) < 2:
                 for chunk in chunks:
                     key = self._key(chunk)
-                    yield from self._emit(self._load(key, len(chunk)) or self._local(key, chunk), bar)
+                    docs = self._load(key, len(chunk)) or self._local(key, chunk)
+                    yield from self._emit(docs, bar)
                 return
             ctx = _pool_context(self.lang, self.start_method)
             with ProcessPoolExecutor(self.n_workers, mp_context=ctx, initializer=_init_worker,
