@@ -84,7 +84,8 @@ class Tokenizer:
                  progress: bool = True, start_method: str | None = None):
         import spacy
         if n_workers is None:
-            n_workers = len(os.sched_getaffinity(0))
+            n_workers = (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
+                         else os.cpu_count() or 1)
         if n_workers < 1 or chunk_chars < 1:
             raise ValueError(f'Tokenizer: need n_workers >= 1 and chunk_chars >= 1, got '
                              f'{n_workers=}, {chunk_chars=}')
