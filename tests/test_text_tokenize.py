@@ -1,5 +1,6 @@
 """Tokenizer: token-for-token equal to fastai 2.8 (golden file), parallel, cached, streamed."""
 import itertools
+import sys
 import json
 import warnings
 from pathlib import Path
@@ -109,3 +110,10 @@ def test_non_string_text_is_rejected_with_its_index():
 def test_bad_settings_are_rejected():
     with pytest.raises(ValueError, match='n_workers=0'):
         Tokenizer(n_workers=0)
+
+
+def test_workers_avoid_fork_once_jax_is_loaded(monkeypatch):
+    monkeypatch.setitem(sys.modules, 'jax', sys)   # forking a running JAX can deadlock
+    assert tokenize._pool_context('en', None).get_start_method() == 'forkserver'
+    monkeypatch.delitem(sys.modules, 'jax')
+    assert tokenize._pool_context('en', None).get_start_method() == 'fork'

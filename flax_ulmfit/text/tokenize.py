@@ -4,6 +4,7 @@ import hashlib
 import itertools
 import multiprocessing
 import os
+import sys
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -83,7 +84,8 @@ class Tokenizer:
                  progress: bool = True, start_method: str | None = None):
         import spacy
         if n_workers is None:
-            n_workers = len(os.sched_getaffinity(0))
+            n_workers = (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
+                         else os.cpu_count() or 1)
         if n_workers < 1 or chunk_chars < 1:
             raise ValueError(f'Tokenizer: need n_workers >= 1 and chunk_chars >= 1, got '
                              f'{n_workers=}, {chunk_chars=}')
@@ -107,7 +109,8 @@ class Tokenizer:
             if self.n_workers == 1 or len(head) < 2:
                 for chunk in chunks:
                     key = self._key(chunk)
-                    yield from self._emit(self._load(key, len(chunk)) or self._local(key, chunk), bar)
+                    docs = self._load(key, len(chunk)) or self._local(key, chunk)
+                    yield from self._emit(docs, bar)
                 return
             ctx = _pool_context(self.lang, self.start_method)
             with ProcessPoolExecutor(self.n_workers, mp_context=ctx, initializer=_init_worker,

