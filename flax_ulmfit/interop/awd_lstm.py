@@ -51,13 +51,13 @@ def awd_lstm_to_flax(state_dict: Mapping, model: AWDLSTM | LanguageModel) -> AWD
   _check_tied(arrays, tied, what)  # every check before the first write: no half-filled model
   if isinstance(model, LanguageModel):
     if not model.decoder.tied:
-      model.decoder.weight[...] = jnp.asarray(arrays['1.decoder.weight'], jnp.float32)
+      model.decoder.weight[...] = jnp.array(arrays['1.decoder.weight'], jnp.float32, copy=True)
     if model.decoder.bias is not None:
-      model.decoder.bias[...] = jnp.asarray(arrays['1.decoder.bias'], jnp.float32)
-  encoder.encoder[...] = jnp.asarray(arrays[tied[0]], jnp.float32)
+      model.decoder.bias[...] = jnp.array(arrays['1.decoder.bias'], jnp.float32, copy=True)
+  encoder.encoder[...] = jnp.array(arrays[tied[0]], jnp.float32, copy=True)
   for l, rnn in enumerate(encoder.rnns):
     for key, attr in _LAYER_KEYS.items():
-      getattr(rnn, attr)[...] = jnp.asarray(arrays[f'{prefix}rnns.{l}.{key}'], jnp.float32)
+      getattr(rnn, attr)[...] = jnp.array(arrays[f'{prefix}rnns.{l}.{key}'], jnp.float32, copy=True)
   return model
 
 
