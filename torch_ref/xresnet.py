@@ -71,6 +71,7 @@ class XResNet(nn.Sequential):
     szs = [c_in, *stem_szs]
     stem = [ConvLayer(szs[i], szs[i + 1], 3, 2 if i == 0 else 1) for i in range(len(stem_szs))]
     widths = [64 // expansion] + [int(w * widen) for w in [64, 128, 256, 512] + [256] * (len(layers) - 4)]
+    widths = widths[:len(layers) + 1]  # fastai keeps all five, breaking the head when len(layers) < 4
     stages = [nn.Sequential(*[ResBlock(expansion, widths[i] if b == 0 else widths[i + 1], widths[i + 1],
                                        (1 if i == 0 else 2) if b == 0 else 1) for b in range(n)])
               for i, n in enumerate(layers)]
@@ -89,6 +90,14 @@ def xresnet34(c_in=3, n_out=1000, p=0.0):
 
 def xresnet50(c_in=3, n_out=1000, p=0.0):
   return XResNet(4, [3, 4, 6, 3], p, c_in, n_out)
+
+
+def xresnet101(c_in=3, n_out=1000, p=0.0):
+  return XResNet(4, [3, 4, 23, 3], p, c_in, n_out)
+
+
+def xresnet152(c_in=3, n_out=1000, p=0.0):
+  return XResNet(4, [3, 8, 36, 3], p, c_in, n_out)
 
 
 class AdaptiveConcatPool2d(nn.Module):

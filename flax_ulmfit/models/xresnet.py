@@ -89,6 +89,7 @@ class XResNetBody(nnx.Module):
     self.stem = nnx.List([ConvLayer(szs[i], szs[i + 1], 3, 2 if i == 0 else 1, act=act, conv_impl=conv_impl,
                                     dtype=dtype, rngs=rngs) for i in range(len(stem_szs))])
     widths = [64 // expansion] + [int(w * widen) for w in [64, 128, 256, 512] + [256] * (len(layers) - 4)]
+    widths = widths[:len(layers) + 1]  # fastai keeps all five, breaking the head when len(layers) < 4
     self.stages = nnx.List([
         nnx.List([ResBlock(expansion, widths[i] if b == 0 else widths[i + 1], widths[i + 1],
                            (1 if i == 0 else 2) if b == 0 else 1, act=act, conv_impl=conv_impl, dtype=dtype,
