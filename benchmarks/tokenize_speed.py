@@ -1,7 +1,7 @@
 """Tokenizing throughput on the embedded corpora: flax_ulmfit's Tokenizer vs fastai 2.8's
 `tokenize_texts` (same texts, same number of worker processes, runs alternated, medians).
 
-  PYTHONPATH=. python benchmarks/tokenize.py [--workers 2] [--repeats 3]
+  PYTHONPATH=. python benchmarks/tokenize_speed.py [--workers 2] [--repeats 3]
 
 fastai is optional (it needs torch): without it only our figures are printed and the last
 line says so. With it, outputs are compared token for token and the last line is
