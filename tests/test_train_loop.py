@@ -112,3 +112,15 @@ def test_lr_find_sweeps_stops_on_divergence_and_keeps_model(tmp_path):
   assert result.lrs[0] == pytest.approx(1e-5) and 1e-5 < result.suggestion < 1e3
   assert (tmp_path / 'lr.png').exists()
   np.testing.assert_array_equal(np.asarray(model.l1.kernel[...]), before)
+
+
+def test_whole_train_state_checkpoints_for_resuming(tmp_path):
+  """Params, BatchStats/RNG state and the optimizer's (groups, schedules' counts) round-trip."""
+  _, state, step, _, train, _ = setup(1)
+  state, _ = fit(step, state, train[:2], 1, rng=jax.random.key(0), progress=False)
+  checkpoint.save(tmp_path / 'resume.npz', state)
+  back, _ = checkpoint.load(tmp_path / 'resume.npz', state)
+  assert jax.tree.structure(back) == jax.tree.structure(state)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert int(back.opt_state[0].inner_states['all'].inner_state.count) == 2  # the schedule's count: two steps
