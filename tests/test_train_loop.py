@@ -1,6 +1,7 @@
 """fit, callbacks, logs, plots and lr_find on a tiny MLP classifier (blobs that an MLP separates)."""
 import csv
 import json
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ from flax import nnx
 
 from flax_ulmfit import checkpoint
 from flax_ulmfit.train import losses, optim, schedules
-from flax_ulmfit.train.loop import EarlyStopping, SaveBest, fit
+from flax_ulmfit.train.loop import EarlyStopping, SaveBest, fit, save_plots
 from flax_ulmfit.train.lr_find import lr_find, valley
 from flax_ulmfit.train.step import init_train_state, make_eval_step, make_train_step, update_model
 
@@ -112,3 +113,22 @@ def test_lr_find_sweeps_stops_on_divergence_and_keeps_model(tmp_path):
   assert result.lrs[0] == pytest.approx(1e-5) and 1e-5 < result.suggestion < 1e3
   assert (tmp_path / 'lr.png').exists()
   np.testing.assert_array_equal(np.asarray(model.l1.kernel[...]), before)
+
+
+def test_whole_train_state_checkpoints_for_resuming(tmp_path):
+  """Params, BatchStats/RNG state and the optimizer's (groups, schedules' counts) round-trip."""
+  _, state, step, _, train, _ = setup(1)
+  state, _ = fit(step, state, train[:2], 1, rng=jax.random.key(0), progress=False)
+  checkpoint.save(tmp_path / 'resume.npz', state)
+  back, _ = checkpoint.load(tmp_path / 'resume.npz', state)
+  assert jax.tree.structure(back) == jax.tree.structure(state)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert int(back.opt_state[0].inner_states['all'].inner_state.count) == 2  # the schedule's count: two steps
+
+
+def test_plots_skipped_with_a_note_without_matplotlib(tmp_path, monkeypatch, capsys):
+  monkeypatch.setitem(sys.modules, 'matplotlib', None)  # makes `import matplotlib` fail
+  save_plots(tmp_path / 'p.png', {'loss': [1.0, 0.5], 'learning_rate': [1e-3, 1e-3], 'mom': []}, [])
+  assert not (tmp_path / 'p.png').exists()
+  assert 'matplotlib is not installed' in capsys.readouterr().out
