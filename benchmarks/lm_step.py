@@ -9,7 +9,8 @@ token batches. Prints the median ms per step of each and, last, `speedup_vs_torc
   python benchmarks/lm_step.py                        # small and fastai-default sizes
   python benchmarks/lm_step.py --devices 1 --configs default --steps 10
 
-`--devices N` splits the batch over N XLA CPU devices (shard_map, parameters replicated).
+`--devices N` splits the batch over N XLA CPU devices (shard_map, parameters replicated);
+`--dots eigen` (default) turns off XLA's YNNPACK fusions so matmuls use Eigen.
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ def parse_args():
   parser.add_argument('--configs', nargs='+', choices=sorted(CONFIGS), default=['small', 'default'])
   parser.add_argument('--devices', type=int, default=2, help='XLA CPU devices for the Flax step')
   parser.add_argument('--threads', type=int, default=os.cpu_count(), help='torch intra-op threads')
+  parser.add_argument('--dots', choices=['eigen', 'ynn'], default='eigen',
+                      help="XLA's CPU matmul backend; eigen measured faster for this step")
   parser.add_argument('--steps', type=int, default=20, help='timed steps of each framework')
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--bs', type=int, default=32)
@@ -40,7 +43,8 @@ args = parse_args()
 # Both must be set before the libraries load: N host devices for XLA; torch's idle OpenMP
 # threads sleep instead of spinning (spinning made torch 10x slower on a shared machine).
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           f' --xla_force_host_platform_device_count={args.devices}').strip()
+                           f' --xla_force_host_platform_device_count={args.devices}' +
+                           (' --xla_cpu_experimental_ynn_fusion_type=' if args.dots == 'eigen' else '')).strip()
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 
 import jax  # noqa: E402
@@ -142,7 +146,7 @@ def run(name: str) -> float:
 def main():
   torch.set_num_threads(args.threads)
   print(f'jax {jax.__version__} on {len(jax.devices())} {jax.devices()[0].platform} device(s), '
-        f'torch {torch.__version__} with {torch.get_num_threads()} threads', flush=True)
+        f'{args.dots} dots; torch {torch.__version__} with {torch.get_num_threads()} threads', flush=True)
   speedups = [run(name) for name in args.configs]
   print(f'speedup_vs_torch={speedups[0]:.3f}')
 
