@@ -77,6 +77,20 @@ class FlaxRunner:
     return time.perf_counter() - start, loss
 
 
+def torch_update(loss, model, opt, scaler) -> None:
+  """Backward, unscale (fp16), clip the unscaled gradients, optimizer step, zero the gradients."""
+  (scaler.scale(loss) if scaler is not None else loss).backward()
+  if scaler is not None:
+    scaler.unscale_(opt)
+  torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+  if scaler is not None:
+    scaler.step(opt)
+    scaler.update()
+  else:
+    opt.step()
+  opt.zero_grad(set_to_none=True)
+
+
 class TorchRunner:
   def __init__(self, vocab, config, name, state_dict, data):
     self.model = ref.LanguageModel(vocab, config)
@@ -95,18 +109,7 @@ class TorchRunner:
           torch.backends.mkldnn.flags(enabled=self.dtype is None)):
       logits, state, (raw, dropped) = self.model(x, self.state)
       loss = ref_losses.cross_entropy_flat(logits, y) + ref_losses.ar_tar(raw, dropped)
-      if self.scaler is not None:
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.opt)
-      else:
-        loss.backward()
-    torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP)
-    if self.scaler is not None:
-      self.scaler.step(self.opt)
-      self.scaler.update()
-    else:
-      self.opt.step()
-    self.opt.zero_grad(set_to_none=True)
+      torch_update(loss, self.model, self.opt, self.scaler)  # backward under the same oneDNN flags
     self.state = tuple((h.detach().float(), c.detach().float()) for h, c in state)
     return time.perf_counter() - start, loss.item()
 
@@ -150,16 +153,7 @@ class TorchImageRunner:
     start = time.perf_counter()
     with torch.autocast('cpu', dtype=self.dtype, enabled=self.dtype is not None):
       loss = torch.nn.functional.cross_entropy(self.model(self.x).float(), self.y)
-    (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-    if self.scaler is not None:
-      self.scaler.unscale_(self.opt)
-    torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP)
-    if self.scaler is not None:
-      self.scaler.step(self.opt)
-      self.scaler.update()
-    else:
-      self.opt.step()
-    self.opt.zero_grad(set_to_none=True)
+    torch_update(loss, self.model, self.opt, self.scaler)
     return time.perf_counter() - start, loss.item()
 
 
