@@ -62,6 +62,29 @@ def test_cross_entropy_flat_and_accuracy_match_torch():
       float(tl.accuracy(torch.tensor(logits), tgt)), abs=1e-7)
 
 
+@pytest.mark.parametrize('with_bias', [True, False])
+def test_linear_cross_entropy_matches_torch_decoder_then_cross_entropy(with_bias):
+  """The fused decoder matmul + CrossEntropyLossFlat: 21 rows in chunks of 4 (the last one
+  padded), value and the gradients of features, weight and bias."""
+  features = RNG.normal(size=(3, 7, 5)).astype(np.float32)
+  weight = RNG.normal(size=(11, 5)).astype(np.float32)
+  bias = RNG.normal(size=(11,)).astype(np.float32) if with_bias else None
+  targets = RNG.integers(0, 11, size=(3, 7)).astype(np.int32)
+  inputs = [features, weight] + ([bias] if with_bias else [])
+  t_inputs = [torch.tensor(a, requires_grad=True) for a in inputs]
+  t_val = tl.linear_cross_entropy(t_inputs[0], t_inputs[1], t_inputs[2] if with_bias else None,
+                                  torch.tensor(targets).long())
+  t_val.backward()
+
+  def fused(*args):
+    return losses.linear_cross_entropy(args[0], args[1], args[2] if with_bias else None,
+                                       jnp.asarray(targets), chunk_rows=4)
+  j_val, j_grads = jax.jit(jax.value_and_grad(fused, argnums=tuple(range(len(inputs)))))(*map(jnp.asarray, inputs))
+  np.testing.assert_allclose(float(j_val), t_val.item(), atol=1e-5, rtol=0)
+  for j_grad, t_input in zip(j_grads, t_inputs):
+    np.testing.assert_allclose(np.asarray(j_grad), t_input.grad.numpy(), atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize('smooth', [False, True])
 def test_mixup_matches_fastai_given_same_lambdas_and_permutation(smooth):
   """fastai MixUp: x = lerp(x[perm], x, lam); loss = lerp(L(y[perm]), L(y), lam), reduced after."""

@@ -179,3 +179,21 @@ def test_bf16_compute_keeps_fp32_params_and_tracks_fp32_logits():
     return model(ids)[0].mean()
   grads = nnx.grad(loss)(bf16)
   assert all(g.dtype == jnp.float32 and bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize('tied', [True, False])
+def test_encode_and_output_layer_reproduce_the_forward_pass(tied):
+  """`encode` + `output_layer` (what the fused LM loss uses) give `lm(...)`'s state and logits."""
+  config = dict(awd_lstm_lm_config, emb_sz=6, n_hid=10, n_layers=2, tie_weights=tied, out_bias=tied)
+  lm = LanguageModel(20, config, rngs=nnx.Rngs(0))
+  ids = jnp.asarray(np.random.default_rng(1).integers(0, 20, (3, 4)), jnp.int32)
+  masks = lm.sample_masks(jax.random.key(2), 3)
+  logits, state, extras = lm(ids, None, masks)
+  enc_state, enc_extras = lm.encode(ids, None, masks)
+  weight, bias = lm.output_layer()
+  np.testing.assert_array_equal(weight, (lm.encoder.encoder if tied else lm.decoder.weight)[...])
+  assert (bias is None) == (not tied)
+  for a, b in zip(jax.tree.leaves((state, extras)), jax.tree.leaves((enc_state, enc_extras))):
+    np.testing.assert_array_equal(a, b)
+  expected = np.asarray(enc_extras.dropped) @ np.asarray(weight).T + (0 if bias is None else np.asarray(bias))
+  np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=0)

@@ -22,6 +22,40 @@ def test_losses_name_bad_shapes_dtypes_and_reductions():
     losses.label_smoothing_cross_entropy(logits, jnp.zeros(4, jnp.int32), eps=1.0)
 
 
+def test_linear_cross_entropy_names_bad_input():
+  features, weight = jnp.zeros((2, 3, 4)), jnp.zeros((6, 4))
+  with pytest.raises(ValueError, match=r'got features \(2, 3, 4\), weight \(6, 5\)'):
+    losses.linear_cross_entropy(features, jnp.zeros((6, 5)), None, jnp.zeros((2, 3), jnp.int32))
+  with pytest.raises(ValueError, match=r'bias has shape \(5,\), expected \(6,\)'):
+    losses.linear_cross_entropy(features, weight, jnp.zeros(5), jnp.zeros((2, 3), jnp.int32))
+  with pytest.raises(TypeError, match='targets must be integer ids, got dtype float32'):
+    losses.linear_cross_entropy(features, weight, None, jnp.zeros((2, 3)))
+  with pytest.raises(ValueError, match='chunk_rows=0'):
+    losses.linear_cross_entropy(features, weight, None, jnp.zeros((2, 3), jnp.int32), chunk_rows=0)
+
+
+@pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16])
+def test_linear_cross_entropy_in_low_precision_tracks_fp32(dtype):
+  """Matmuls in bf16/fp16 with fp32 accumulation, against the same loss in fp32; fp16 runs
+  under a 2**16 loss scale, as `dynamic_loss_scale` gives it, and its gradients stay finite."""
+  rng = np.random.default_rng(0)
+  features = jnp.asarray(rng.normal(size=(512, 16)), jnp.float32)
+  weight = jnp.asarray(rng.normal(size=(40, 16)) * 0.3, jnp.float32)
+  targets = jnp.asarray(rng.integers(0, 40, 512), jnp.int32)
+  scale = 2.0 ** 16 if dtype == jnp.float16 else 1.0
+
+  def scaled(w, dt):
+    return scale * losses.linear_cross_entropy(features, w.astype(dt), None, targets, chunk_rows=96)
+  value, grad = jax.value_and_grad(scaled)(weight, dtype)
+  ref_value, ref_grad = jax.value_and_grad(scaled)(weight, jnp.float32)
+  # bf16 keeps 8 mantissa bits (fp16 11): products of rounded inputs move the loss by ~0.3%
+  # and each gradient entry by ~1% of the largest; the fp16 gradients stay finite and nonzero.
+  assert abs(float(value) - float(ref_value)) <= 5e-3 * abs(float(ref_value))
+  assert np.all(np.isfinite(np.asarray(grad))) and np.count_nonzero(np.asarray(grad)) == grad.size
+  np.testing.assert_allclose(np.asarray(grad), np.asarray(ref_grad), rtol=0,
+                             atol=1e-2 * float(np.abs(ref_grad).max()))
+
+
 def test_label_smoothing_of_uniform_logits_is_log_c():
   """Uniform predictions: every -log p_j = log c, so the loss is log c whatever eps."""
   got = losses.label_smoothing_cross_entropy(jnp.zeros((2, 7)), jnp.array([0, 3]))

@@ -21,6 +21,12 @@ def cross_entropy_flat(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
   return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
 
 
+def linear_cross_entropy(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         targets: torch.Tensor) -> torch.Tensor:
+  """fastai's LinearDecoder matmul then CrossEntropyLossFlat: the logits formed whole."""
+  return cross_entropy_flat(F.linear(features, weight, bias), targets)
+
+
 def label_smoothing_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, eps: float = 0.1,
                                   reduction: str = 'mean') -> torch.Tensor:
   """fastai's LabelSmoothingCrossEntropy on (B, C) logits: eps/c * sum(-log p) + (1 - eps) * nll."""

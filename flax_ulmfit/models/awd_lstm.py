@@ -168,19 +168,28 @@ class LinearDecoder(nnx.Module):
     self.tied = tied
     self.bias = nnx.Param(jnp.zeros((n_out,))) if bias else nnx.data(None)
 
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None,
-               tied_weight: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """Maps (B, T, E) features to float32 (B, T, V) logits; also returns the dropped input."""
+  def drop(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Output dropout of (B, T, E) features (a (B, 1, E) mask shared over time)."""
+    return jnp.swapaxes(self.output_dp(jnp.swapaxes(x, 0, 1), mask), 0, 1)
+
+  def weights(self, tied_weight: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+    """The (V, E) weight in the compute dtype and the float32 (V,) bias (None without one)."""
     if self.tied == (tied_weight is None):
       raise ValueError('LinearDecoder: pass tied_weight exactly when built with tied=True')
     weight = tied_weight if self.tied else self.weight[...]
-    dropped = jnp.swapaxes(self.output_dp(jnp.swapaxes(x, 0, 1), mask), 0, 1)
-    dtype = self.dtype or jnp.float32
-    logits = jnp.dot(dropped.astype(dtype), weight.astype(dtype).T,
-                     preferred_element_type=jnp.float32)
-    if self.bias is not None:
-      logits = logits + self.bias[...]
-    return logits, dropped
+    return weight.astype(self.dtype or jnp.float32), None if self.bias is None else self.bias[...]
+
+  def logits(self, dropped: jax.Array, tied_weight: jax.Array | None = None) -> jax.Array:
+    """Float32 (B, T, V) logits of already dropped (B, T, E) features."""
+    weight, bias = self.weights(tied_weight)
+    logits = jnp.dot(dropped.astype(weight.dtype), weight.T, preferred_element_type=jnp.float32)
+    return logits if bias is None else logits + bias
+
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None,
+               tied_weight: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Maps (B, T, E) features to float32 (B, T, V) logits; also returns the dropped input."""
+    dropped = self.drop(x, mask)
+    return self.logits(dropped, tied_weight), dropped
 
 
 class LanguageModel(nnx.Module):
@@ -221,9 +230,22 @@ class LanguageModel(nnx.Module):
     masks['output'] = dp.draw(dp.mask_shape(batch_size, self.encoder.emb_sz), k_output)
     return masks
 
+  def encode(self, tokens: jax.Array, state: State | None = None,
+             masks: Masks | None = None) -> tuple[State, LMExtras]:
+    """Everything but the decoder's matmul: the new state and `LMExtras(raw, dropped)`, where
+    `dropped` is the decoder's input. With `output_layer()` a loss can fuse the matmul
+    (`flax_ulmfit.train.losses.linear_cross_entropy`), which is how `train.lm.lm_loss` trains."""
+    raw, state = self.encoder(tokens, state, masks)
+    return state, LMExtras(raw, self.decoder.drop(raw, (masks or {}).get('output')))
+
+  def _tied_weight(self) -> jax.Array | None:
+    return self.encoder.encoder[...] if self.decoder.tied else None
+
+  def output_layer(self) -> tuple[jax.Array, jax.Array | None]:
+    """The decoder's (V, E) weight (the embedding when tied), in the compute dtype, and its bias."""
+    return self.decoder.weights(self._tied_weight())
+
   def __call__(self, tokens: jax.Array, state: State | None = None,
                masks: Masks | None = None) -> tuple[jax.Array, State, LMExtras]:
-    raw, state = self.encoder(tokens, state, masks)
-    tied_weight = self.encoder.encoder[...] if self.decoder.tied else None
-    logits, dropped = self.decoder(raw, (masks or {}).get('output'), tied_weight)
-    return logits, state, LMExtras(raw, dropped)
+    state, extras = self.encode(tokens, state, masks)
+    return self.decoder.logits(extras.dropped, self._tied_weight()), state, extras

@@ -1,14 +1,16 @@
 """The language-model loss for `make_train_step` / `make_eval_step`: cross-entropy plus AR/TAR.
 
-The model is any NNX module with fastai's LM calling convention,
-`model(tokens, state, masks) -> (logits, state, extras(raw, dropped))` and
-`model.sample_masks(key, batch_size)`; nothing here imports a model.
+The model is any NNX module with the calling convention of `flax_ulmfit.models.LanguageModel`:
+`model.encode(tokens, state, masks) -> (state, extras(raw, dropped))`, `model.output_layer()
+-> (weight, bias)` and `model.sample_masks(key, batch_size)`; nothing here imports a model.
+The decoder's matmul and the cross-entropy run fused (`linear_cross_entropy`), so the
+(B, T, V) logits are never formed.
 """
 from __future__ import annotations
 
 import jax
 
-from flax_ulmfit.train.losses import ar_tar, cross_entropy_flat
+from flax_ulmfit.train.losses import ar_tar, linear_cross_entropy
 
 
 def lm_loss(model, batch, rng: jax.Array | None, carry, alpha: float = 2.0, beta: float = 1.0):
@@ -29,7 +31,7 @@ def lm_loss(model, batch, rng: jax.Array | None, carry, alpha: float = 2.0, beta
   masks = batch[2] if len(batch) > 2 else None
   if masks is None and rng is not None:
     masks = model.sample_masks(rng, x.shape[0])
-  logits, state, extras = model(x, carry, masks)
-  cross_entropy = cross_entropy_flat(logits, y)
+  state, extras = model.encode(x, carry, masks)
+  cross_entropy = linear_cross_entropy(extras.dropped, *model.output_layer(), y)
   loss = cross_entropy if rng is None else cross_entropy + ar_tar(extras.raw, extras.dropped, alpha, beta)
   return loss, (jax.lax.stop_gradient(state), {'cross_entropy': cross_entropy})
