@@ -175,10 +175,14 @@ def test_bf16_compute_keeps_fp32_params_and_tracks_fp32_logits():
   for ours, ref in ((logits, ref_logits), (state[-1][1], ref_state[-1][1])):
     assert float(jnp.abs(ours - ref).max()) <= 0.01 * float(jnp.abs(ref).max())
 
-  def loss(model):
-    return model(ids)[0].mean()
-  grads = nnx.grad(loss)(bf16)
+  def loss(model):  # cross-entropy of token 0 everywhere: gradients through every layer and step
+    return -jax.nn.log_softmax(model(ids)[0])[..., 0].mean()
+  grads, ref_grads = nnx.grad(loss)(bf16), nnx.grad(loss)(fp32)
   assert all(g.dtype == jnp.float32 and bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+  # The hand-written LSTM backward in bf16 (gate math in fp32, matmuls on bf16 operands):
+  # measured within 1.4% of each parameter's largest fp32 gradient entry; bound 3%.
+  for g, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    assert float(jnp.abs(g - ref).max()) <= 0.03 * float(jnp.abs(ref).max())
 
 
 @pytest.mark.parametrize('tied', [True, False])
