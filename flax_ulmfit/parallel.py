@@ -4,7 +4,8 @@ A step function written for one device becomes data-parallel with `data_parallel
 device runs it on its slice of the batch (and of the LM streams' recurrent state), and
 the step averages gradients and metrics with `jax.lax.pmean(..., DATA_AXIS)`. On CPU,
 `XLA_FLAGS=--xla_force_host_platform_device_count=N` (set before importing jax) makes N
-devices of the cores; measured here, this beat plain jit on 2 cores (DESIGN.md).
+devices of the cores; measured here, this beat plain jit with a batch sharding on 2 cores
+(DESIGN.md), though for the AWD-LSTM step one device is now faster still (README).
 Many hosts: call `jax.distributed.initialize()` first; `jax.devices()` then spans them.
 """
 from __future__ import annotations

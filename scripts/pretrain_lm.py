@@ -37,7 +37,7 @@ def parse_args(argv=None):
   parser.add_argument('--min-freq', type=int, default=3)
   parser.add_argument('--max-vocab', type=int, default=60000)
   parser.add_argument('--devices', type=int, default=1,
-                      help='split the batch over N XLA CPU devices (2 is fastest on 2 cores)')
+                      help='split the batch over N XLA CPU devices (measured slower than 1 on 2 cores)')
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--out', type=Path, default=Path('runs/pretrain_lm'))
   args = parser.parse_args(argv)
