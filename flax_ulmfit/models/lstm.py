@@ -49,11 +49,12 @@ def _loaded(x: jax.Array, dtype) -> jax.Array:
 
 def _forward(x, w_ih, bias, w_hh, h0, c0):
   """The projection, then the time loop with (H, B) states; also returns what the backward needs."""
-  xp = _dot_f32(x, w_ih.T) + bias.astype(jnp.float32)  # fp32: XLA CPU's bf16 dots are slow with bf16 outputs
+  # The projection is kept in fp32 (XLA CPU's bf16 dots are slower with bf16 outputs).
+  xp = _dot_f32(x, w_ih.T) + bias
 
   def step(carry, xp_t):
     h, c = carry
-    acts = _gates(xp_t.T.astype(jnp.float32) + _dot_f32(w_hh, h))
+    acts = _gates(xp_t.T + _dot_f32(w_hh, h))
     i, f, g, o = jnp.split(acts, 4, axis=0)
     c = f * c + i * g
     h = (o * jnp.tanh(c)).astype(h0.dtype)
@@ -69,9 +70,9 @@ def lstm_layer(x: jax.Array, w_ih: jax.Array, bias: jax.Array, w_hh: jax.Array, 
   """Runs one LSTM layer over time-major inputs.
 
   Args:
-    x: (T, B, I) inputs, in the compute dtype (as are `w_ih`, `bias`, `w_hh` and `h0`).
+    x: (T, B, I) inputs, in the compute dtype (as are `w_ih`, `w_hh` and `h0`).
     w_ih: (4H, I) input-to-hidden weight.
-    bias: (4H,) `b_ih + b_hh`.
+    bias: (4H,) `b_ih + b_hh`, float32.
     w_hh: (4H, H) hidden-to-hidden weight.
     h0: (B, H) initial hidden state.
     c0: (B, H) initial cell state, float32 (kept in fp32 under mixed precision).
@@ -166,6 +167,6 @@ class LSTM(nnx.Module):
     w_hh = self.weight_hh[...] if weight_hh is None else weight_hh
     bias = self.bias_ih[...] + self.bias_hh[...]
     h0, c0 = state
-    hs, (h_t, c_t) = lstm_layer(x.astype(dtype), self.weight_ih[...].astype(dtype), bias.astype(dtype),
+    hs, (h_t, c_t) = lstm_layer(x.astype(dtype), self.weight_ih[...].astype(dtype), bias,
                                 w_hh.astype(dtype), h0.astype(dtype), c0.astype(jnp.float32))
     return hs, (h_t.astype(jnp.float32), c_t)
