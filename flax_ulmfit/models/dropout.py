@@ -5,18 +5,59 @@ or, with none, draws one from its `nnx.Rngs` stream. `.eval()` turns them all of
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def threefry2x32(k1: jax.Array, k2: jax.Array, x1: jax.Array, x2: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Threefry-2x32, 20 rounds (Salmon et al. 2011): key words `k1, k2`, counter words `x1, x2`
+  (uint32 arrays) -> two uint32 words per counter; the function of `jax.extend.random.threefry_2x32`.
+
+  Written out in elementwise ops so XLA fuses it into one loop: on CPU, JAX lowers its own
+  Threefry as a rolled loop that writes the whole state to memory every round, which made
+  weight masks (millions of elements, one per layer per forward) several times slower.
+  """
+  keys = (k1, k2, k1 ^ k2 ^ jnp.uint32(0x1BD11BDA))
+  x1, x2 = x1 + keys[0], x2 + keys[1]
+  for i in range(5):
+    for r in _ROTATIONS[i % 2]:
+      x1 = x1 + x2
+      x2 = ((x2 << jnp.uint32(r)) | (x2 >> jnp.uint32(32 - r))) ^ x1
+    x1 = x1 + keys[(i + 1) % 3]
+    x2 = x2 + keys[(i + 2) % 3] + jnp.uint32(i + 1)
+  return x1, x2
+
+
+def random_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Uniform uint32 bits of `shape` from `key`: Threefry-2x32 keyed by two words drawn from
+  `key`, over counters 0, 1, ..., each counter giving two elements."""
+  size = math.prod(shape)
+  if size >= 2 ** 33:
+    raise ValueError(f'random_bits: at most 2**33 elements, got {shape=}')
+  seed = jax.random.bits(key, (2,), jnp.uint32)
+  counters = jax.lax.iota(jnp.uint32, (size + 1) // 2)
+  first, second = threefry2x32(seed[0], seed[1], counters, jnp.zeros_like(counters))
+  return jnp.concatenate([first, second])[:size].reshape(shape)
+
+
 def dropout_mask(key: jax.Array, shape: tuple[int, ...], p: float, dtype=jnp.float32) -> jax.Array:
-  """Bernoulli(1 - p) mask of `shape`, scaled by 1 / (1 - p) (fastai's `dropout_mask`)."""
+  """Bernoulli(1 - p) mask of `shape`, scaled by 1 / (1 - p) (fastai's `dropout_mask`).
+
+  An element is kept when its `random_bits` value is at least round(p * 2**32): P(keep) is
+  1 - p to within 2**-33.
+  """
   if not 0.0 <= p < 1.0:
     raise ValueError(f'dropout_mask: the drop probability must be in [0, 1), got {p=}')
   if p == 0.0:
     return jnp.ones(shape, dtype)
-  return jax.random.bernoulli(key, 1.0 - p, shape).astype(dtype) / (1.0 - p)
+  keep = random_bits(key, shape) >= jnp.uint32(min(round(p * 2.0 ** 32), 2 ** 32 - 1))
+  return keep.astype(dtype) / (1.0 - p)
 
 
 def _check_mask(mask: jax.Array, shape: tuple[int, ...], site: str) -> None:
