@@ -101,7 +101,7 @@ class LinBnDrop(nn.Sequential):
 
 
 class PoolingLinearClassifier(nn.Module):
-  """fastai's PoolingLinearClassifier: `forward((outputs, pad), masks=None) -> logits`."""
+  """fastai's PoolingLinearClassifier: `forward((outputs, pad), masks=None) -> (logits, outputs, outputs)`."""
 
   def __init__(self, dims, ps, bptt: int):
     super().__init__()
@@ -117,15 +117,16 @@ class PoolingLinearClassifier(nn.Module):
     masks = [None] * len(self.layers) if masks is None else masks
     for layer, mask in zip(self.layers, masks):
       x = layer(x, mask)
-    return x
+    return x, out, out
 
 
 class TextClassifier(nn.Sequential):
   """fastai's `get_text_classifier(AWD_LSTM, vocab_sz, n_class, seq_len, config, drop_mult,
   lin_ftrs, ps, pad_idx, max_len)` as `Sequential(SentenceEncoder, PoolingLinearClassifier)`.
 
-  `forward(tokens, masks=None) -> logits`; `masks` = `{'encoder': per-chunk masks, 'head':
-  [one (B, n_in) mask per block]}`.
+  `forward(tokens, masks=None) -> (logits, outputs, outputs)` as fastai's (its RNNCallback
+  reads the (B, Lk, E) encoder outputs for AR/TAR); `masks` = `{'encoder': per-chunk masks,
+  'head': [one (B, n_in) mask per block]}`.
   """
 
   def __init__(self, vocab_sz: int, n_class: int, seq_len: int = 72, config: dict | None = None,

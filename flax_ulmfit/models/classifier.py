@@ -121,7 +121,8 @@ class SentenceEncoder(nnx.Module):
       key: draws the masks chunk by chunk (train mode, `masks` None); None takes one from `rngs`.
 
     Returns:
-      `(outputs (B, Lk, E) float32, pad (B, Lk) bool)` over the kept window of Lk tokens.
+      `(outputs (B, Lk, E) float32, pad (B, Lk) bool)` over the kept window of Lk tokens;
+      outputs are zero where a row's text has not started (as fastai's).
     """
     batch_size, n_tokens = tokens.shape
     n_before, n_kept = self.chunks(n_tokens)
@@ -145,7 +146,8 @@ class SentenceEncoder(nnx.Module):
       def run(state):
         module = nnx.merge(graphdef, params, rest)
         chunk_masks = module.sample_masks(extra, batch_size) if train and masks is None else extra
-        return module(chunk, state, chunk_masks)
+        out, state = module(chunk, state, chunk_masks)
+        return jnp.where(active[:, None, None], out, 0.0), state  # fastai pads unstarted rows with zeros
 
       def skip(state):
         return jnp.zeros((batch_size, self.seq_len, emb_sz), jnp.float32), state
@@ -267,6 +269,12 @@ class TextClassifier(nnx.Module):
       masks: dropout masks (`sample_masks`' layout; an entry left out is drawn); ignored in eval.
       key: draws the masks (train mode); None takes one from the `dropout` stream.
     """
+    return self.classify(tokens, masks, key=key)[0]
+
+  def classify(self, tokens: jax.Array, masks: Masks | None = None, *,
+               key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """`(logits, outputs)`: the logits and the (B, Lk, E) encoder outputs over the kept window,
+    what fastai's classifier returns beside its logits and its AR/TAR regularizer reads."""
     self.check_input(tokens)
     masks = masks or {}
     train = not self.encoder.deterministic
@@ -279,4 +287,4 @@ class TextClassifier(nnx.Module):
     else:
       k_encoder, encoder_masks, head_masks = None, masks.get('encoder'), masks.get('head')
     outputs, pad = self.encoder(tokens, encoder_masks, key=k_encoder)
-    return self.head(outputs, pad, head_masks if train else None)
+    return self.head(outputs, pad, head_masks if train else None), outputs
