@@ -11,6 +11,7 @@ References:
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -134,37 +135,47 @@ class SentenceEncoder(nnx.Module):
     else:
       per_chunk = masks if train else None
     graphdef, params, rest = nnx.split(self.module, nnx.Param, ...)
-    emb_sz = self.module.emb_sz
-
-    def step(params, carry, xs):
-      state, started = carry
-      chunk, extra = xs
-      begins = chunk[:, 0] != self.pad_idx
-      state = jax.tree.map(lambda a: jnp.where(started[:, None], a, 0.0), state)  # new rows start at zero
-      active = started | begins
-
-      def run(state):
-        module = nnx.merge(graphdef, params, rest)
-        chunk_masks = module.sample_masks(extra, batch_size) if train and masks is None else extra
-        out, state = module(chunk, state, chunk_masks)
-        return jnp.where(active[:, None, None], out, 0.0), state  # fastai pads unstarted rows with zeros
-
-      def skip(state):
-        return jnp.zeros((batch_size, self.seq_len, emb_sz), jnp.float32), state
-
-      out, state = jax.lax.cond(active.any(), run, skip, state)
-      return (jax.lax.stop_gradient(state), active), out
-
-    carry = (self.module.zero_state(batch_size), jnp.zeros((batch_size,), bool))
-    xs = (chunks, per_chunk)
-    before = jax.tree.map(lambda a: a[:n_before], xs)
-    kept = jax.tree.map(lambda a: a[n_before:], xs)
-    if n_before:
-      frozen = jax.lax.stop_gradient(params)
-      carry, _ = jax.lax.scan(lambda c, x: (step(frozen, c, x)[0], None), carry, before)
-    _, outputs = jax.lax.scan(lambda c, x: step(params, c, x), carry, kept)  # (Ck, B, s, E)
-    outputs = jnp.swapaxes(outputs, 0, 1).reshape(batch_size, n_kept * self.seq_len, emb_sz)
+    outputs = _read_chunks(graphdef, params, rest, chunks, per_chunk, n_before=n_before, pad_idx=self.pad_idx,
+                           draw=train and masks is None)
     return outputs, tokens[:, n_before * self.seq_len:] == self.pad_idx
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'n_before', 'pad_idx', 'draw'))
+def _read_chunks(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, chunks: jax.Array, per_chunk: Any, *,
+                 n_before: int, pad_idx: int, draw: bool) -> jax.Array:
+  """`SentenceEncoder`'s scan over (C, B, s) chunks of an `AWDLSTM` split into (graphdef, params,
+  rest); `per_chunk` holds each chunk's masks, or its key (`draw`), or None (eval). Returns the
+  (B, Ck * s, E) outputs of the kept chunks. Jitted so that eager calls reuse the compiled scans."""
+  n_chunks, batch_size, seq_len = chunks.shape
+  encoder = nnx.merge(graphdef, params, rest)
+  emb_sz = encoder.emb_sz
+
+  def step(params, carry, xs):
+    state, started = carry
+    chunk, extra = xs
+    begins = chunk[:, 0] != pad_idx
+    state = jax.tree.map(lambda a: jnp.where(started[:, None], a, 0.0), state)  # new rows start at zero
+    active = started | begins
+
+    def run(state):
+      module = nnx.merge(graphdef, params, rest)
+      out, state = module(chunk, state, module.sample_masks(extra, batch_size) if draw else extra)
+      return jnp.where(active[:, None, None], out, 0.0), state  # fastai pads unstarted rows with zeros
+
+    def skip(state):
+      return jnp.zeros((batch_size, seq_len, emb_sz), jnp.float32), state
+
+    out, state = jax.lax.cond(active.any(), run, skip, state)
+    return (jax.lax.stop_gradient(state), active), out
+
+  carry = (encoder.zero_state(batch_size), jnp.zeros((batch_size,), bool))
+  xs = (chunks, per_chunk)
+  if n_before:
+    frozen = jax.lax.stop_gradient(params)  # chunks before the window need no backward
+    carry, _ = jax.lax.scan(lambda c, x: (step(frozen, c, x)[0], None), carry,
+                            jax.tree.map(lambda a: a[:n_before], xs))
+  _, outputs = jax.lax.scan(lambda c, x: step(params, c, x), carry, jax.tree.map(lambda a: a[n_before:], xs))
+  return jnp.swapaxes(outputs, 0, 1).reshape(batch_size, (n_chunks - n_before) * seq_len, emb_sz)
 
 
 class PoolingLinearClassifier(nnx.Module):
