@@ -159,7 +159,7 @@ def _read_chunks(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, chu
 
     def run(state):
       module = nnx.merge(graphdef, params, rest)
-      out, state = module(chunk, state, module.sample_masks(extra, batch_size) if draw else extra)
+      out, state = module(chunk, state, key=extra) if draw else module(chunk, state, extra)
       return jnp.where(active[:, None, None], out, 0.0), state  # fastai pads unstarted rows with zeros
 
     def skip(state):

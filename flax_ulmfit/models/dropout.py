@@ -1,10 +1,12 @@
 """AWD-LSTM's dropouts: one mask helper and the three dropout sites that use it.
 
-Every site takes an explicit `mask` (drawn by the caller, e.g. in numpy for a parity test)
-or, with none, draws one from its `nnx.Rngs` stream. `.eval()` turns them all off.
+Every site takes an explicit `mask` (drawn by the caller, e.g. in numpy for a parity test),
+or a `key` to draw one from, or, with neither, draws from its `nnx.Rngs` stream. `.eval()`
+turns them all off.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -60,6 +62,25 @@ def dropout_mask(key: jax.Array, shape: tuple[int, ...], p: float, dtype=jnp.flo
   return keep.astype(dtype) / (1.0 - p)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def drop_weight(weight: jax.Array, key: jax.Array, p: float) -> jax.Array:
+  """`weight * dropout_mask(key, weight.shape, p)`, whose backward redraws the mask from `key`
+  instead of keeping it: a chunked forward pass (the text classifier's) would otherwise hold
+  one weight-sized mask per chunk until the backward pass."""
+  return weight * dropout_mask(key, weight.shape, p, weight.dtype)
+
+
+def _drop_weight_fwd(weight, key, p):
+  return drop_weight(weight, key, p), key
+
+
+def _drop_weight_bwd(p, key, cotangent):
+  return cotangent * dropout_mask(key, cotangent.shape, p, cotangent.dtype), None
+
+
+drop_weight.defvjp(_drop_weight_fwd, _drop_weight_bwd)
+
+
 def _check_mask(mask: jax.Array, shape: tuple[int, ...], site: str) -> None:
   if tuple(mask.shape) != tuple(shape):
     raise ValueError(f'{site}: mask has shape {tuple(mask.shape)}, expected {tuple(shape)}')
@@ -79,14 +100,18 @@ class _DropoutSite(nnx.Module):
   def active(self) -> bool:
     return not self.deterministic and self.p > 0.0
 
-  def draw(self, shape: tuple[int, ...], key: jax.Array | None = None) -> jax.Array:
-    """A fresh mask of `shape` from `key`, or from the module's own stream."""
+  def key_or_fresh(self, key: jax.Array | None = None) -> jax.Array:
+    """`key`, or a fresh one from the module's own stream."""
     if key is None:
       if self.rngs is None:
         raise ValueError(f'{type(self).__name__}: in train mode it needs a mask, a key, or '
                          'rngs=nnx.Rngs(dropout=...) at construction')
       key = self.rngs()
-    return dropout_mask(key, shape, self.p)
+    return key
+
+  def draw(self, shape: tuple[int, ...], key: jax.Array | None = None) -> jax.Array:
+    """A fresh mask of `shape` from `key`, or from the module's own stream."""
+    return dropout_mask(self.key_or_fresh(key), shape, self.p)
 
 
 class RNNDropout(_DropoutSite):
@@ -95,12 +120,12 @@ class RNNDropout(_DropoutSite):
   def mask_shape(self, batch_size: int, features: int) -> tuple[int, int, int]:
     return (batch_size, 1, features)
 
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None, *, key: jax.Array | None = None) -> jax.Array:
     """Drops features of time-major `x` (T, B, F); `mask` is batch-first (B, 1, F)."""
     if not self.active:
       return x
     shape = self.mask_shape(x.shape[1], x.shape[2])
-    mask = self.draw(shape) if mask is None else mask
+    mask = self.draw(shape, key) if mask is None else mask
     _check_mask(mask, shape, 'RNNDropout')
     return x * jnp.swapaxes(mask, 0, 1).astype(x.dtype)
 
@@ -108,11 +133,11 @@ class RNNDropout(_DropoutSite):
 class EmbeddingDropout(_DropoutSite):
   """Drops whole rows (words) of an embedding matrix: a (V, 1) mask scaled by 1 / (1 - p)."""
 
-  def __call__(self, weight: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  def __call__(self, weight: jax.Array, mask: jax.Array | None = None, *, key: jax.Array | None = None) -> jax.Array:
     if not self.active:
       return weight
     shape = (weight.shape[0], 1)
-    mask = self.draw(shape) if mask is None else mask
+    mask = self.draw(shape, key) if mask is None else mask
     _check_mask(mask, shape, 'EmbeddingDropout')
     return weight * mask.astype(weight.dtype)
 
@@ -120,12 +145,14 @@ class EmbeddingDropout(_DropoutSite):
 class WeightDropout(_DropoutSite):
   """DropConnect on a weight matrix: one elementwise mask per forward pass.
 
-  The gradient flows through the mask to the raw weight (the trainable parameter).
+  The gradient flows through the mask to the raw weight (the trainable parameter). A mask
+  drawn here (from `key` or the module's stream) is redrawn in the backward pass, not kept.
   """
 
-  def __call__(self, weight: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  def __call__(self, weight: jax.Array, mask: jax.Array | None = None, *, key: jax.Array | None = None) -> jax.Array:
     if not self.active:
       return weight
-    mask = self.draw(weight.shape) if mask is None else mask
+    if mask is None:
+      return drop_weight(weight, self.key_or_fresh(key), self.p)
     _check_mask(mask, weight.shape, 'WeightDropout')
     return weight * mask.astype(weight.dtype)
