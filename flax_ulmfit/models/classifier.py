@@ -289,13 +289,11 @@ class TextClassifier(nnx.Module):
     self.check_input(tokens)
     masks = masks or {}
     train = not self.encoder.deterministic
-    if train and (masks.get('encoder') is None or masks.get('head') is None):
-      key = self.encoder.rngs() if key is None else key
-      k_encoder, k_head = jax.random.split(key)
-      encoder_masks, head_masks = masks.get('encoder'), masks.get('head')
-      if head_masks is None:
-        head_masks = self.head.sample_masks(k_head, tokens.shape[0])
-    else:
-      k_encoder, encoder_masks, head_masks = None, masks.get('encoder'), masks.get('head')
+    encoder_masks, head_masks = masks.get('encoder'), masks.get('head')
+    if train and key is None and (encoder_masks is None or head_masks is None):
+      key = self.encoder.rngs()
+    k_encoder, k_head = jax.random.split(key) if key is not None else (None, None)
+    if train and head_masks is None:
+      head_masks = self.head.sample_masks(k_head, tokens.shape[0])
     outputs, pad = self.encoder(tokens, encoder_masks, key=k_encoder)
     return self.head(outputs, pad, head_masks if train else None), outputs
