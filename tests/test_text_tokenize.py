@@ -128,6 +128,22 @@ def test_non_string_text_is_rejected_with_its_index():
         Tokenizer(n_workers=1, progress=False)(['fine', b'raw bytes'])
 
 
+def test_one_string_instead_of_a_list_is_rejected():
+    tok = Tokenizer(n_workers=1, progress=False)
+    with pytest.raises(TypeError, match=r'got one str .*wrap it in a list'):
+        tok('one document, not a list')
+    with pytest.raises(TypeError, match='got one str'):
+        next(tok.stream('one document'))
+
+
+def test_lone_surrogates_become_replacement_characters_with_a_warning(tmp_path):
+    tok = Tokenizer(n_workers=1, progress=False, cache_dir=tmp_path)   # the cache is UTF-8 JSON
+    broken = b'caf\xe9 ok'.decode('utf-8', errors='surrogateescape')   # 'caf\udce9 ok'
+    with pytest.warns(UserWarning, match=r'1 lone surrogate .* first in text #1'):
+        tokens = tok(['fine', broken])
+    assert tokens[1] == Tokenizer(n_workers=1, progress=False)(['caf\ufffd ok'])[0]
+
+
 def test_bad_settings_are_rejected():
     with pytest.raises(ValueError, match='n_workers=0'):
         Tokenizer(n_workers=0)

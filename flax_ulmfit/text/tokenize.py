@@ -4,6 +4,7 @@ import hashlib
 import itertools
 import multiprocessing
 import os
+import re
 import sys
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -16,6 +17,8 @@ from flax_ulmfit.text.files import read_json, write_json
 from flax_ulmfit.text.words import WordSplitter
 
 CACHE_FORMAT = 'flax_ulmfit.tokens/1'
+_SURROGATE = re.compile('[\ud800-\udfff]')   # alone in a str: never a valid character
+_REPLACEMENT = '\ufffd'
 
 _splitter = None   # this process's WordSplitter (in a forkserver, `preload` builds it)
 
@@ -45,11 +48,14 @@ def _pool_context(lang: str, start_method: str | None):
 
 
 def _chunks(texts: Iterable[str], chunk_chars: int) -> Iterator[list[str]]:
-    chunk, size = [], 0
+    chunk, size, n_surrogates, first = [], 0, 0, None
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f'Tokenizer: text #{i} is a {type(text).__name__}, expected str; '
                             'decode bytes first (the readers in flax_ulmfit.text.corpora do)')
+        if _SURROGATE.search(text):
+            text, n = _SURROGATE.subn(_REPLACEMENT, text)
+            n_surrogates, first = n_surrogates + n, i if first is None else first
         chunk.append(text)
         size += len(text) + 1
         if size >= chunk_chars:
@@ -57,6 +63,18 @@ def _chunks(texts: Iterable[str], chunk_chars: int) -> Iterator[list[str]]:
             chunk, size = [], 0
     if chunk:
         yield chunk
+    if n_surrogates:
+        warnings.warn(f'Tokenizer: {n_surrogates} lone surrogate code point(s) (undecodable '
+                      f'bytes kept by errors="surrogateescape", or broken UTF-16; first in text '
+                      f'#{first}) replaced by U+FFFD; decode the text with errors="replace"',
+                      stacklevel=2)
+
+
+def _check_texts(texts) -> None:
+    if isinstance(texts, (str, bytes)):
+        raise TypeError(f'Tokenizer: texts must be a list of texts, got one '
+                        f'{type(texts).__name__} (it would be read one character per text); '
+                        'wrap it in a list: tokenizer([text])')
 
 
 class Tokenizer:
@@ -96,11 +114,13 @@ class Tokenizer:
 
     def __call__(self, texts: Iterable[str]) -> list[list[str]]:
         """The token list of each text (each starts with `xxbos`)."""
+        _check_texts(texts)
         total = len(texts) if hasattr(texts, '__len__') else None
         return list(self.stream(texts, total=total))
 
     def stream(self, texts: Iterable[str], total: int | None = None) -> Iterator[list[str]]:
         """Yields each text's tokens in order, holding only a few chunks at a time."""
+        _check_texts(texts)
         chunks = _chunks(texts, self.chunk_chars)
         head = list(itertools.islice(chunks, 2))
         chunks = itertools.chain(head, chunks)
