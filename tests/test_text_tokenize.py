@@ -2,8 +2,10 @@
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -154,3 +156,62 @@ def test_workers_avoid_fork_once_jax_is_loaded(monkeypatch):
     assert tokenize._pool_context('en', None).get_start_method() == 'forkserver'
     monkeypatch.delitem(sys.modules, 'jax')
     assert tokenize._pool_context('en', None).get_start_method() == 'fork'
+
+
+KILLED_PARENT = '''
+import sys, time
+import jax   # as in a training script: workers start from a forkserver
+from flax_ulmfit.text import Tokenizer
+if __name__ == '__main__':
+    stream = Tokenizer(n_workers=2, chunk_chars=2000, progress=False).stream(['Some text.'] * 2000)
+    next(stream)
+    print('TOKENIZING', flush=True)
+    time.sleep(120)
+'''
+
+
+def _state(pid: int) -> str | None:
+    """The /proc state letter of `pid` ('Z' for an exited, unreaped process), None if gone."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rsplit(')', 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _descendants(pid: int) -> list[int]:
+    """Live descendants of `pid` (read from /proc)."""
+    children = {}
+    for entry in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            with open(f'/proc/{entry}/stat') as f:
+                children.setdefault(int(f.read().rsplit(')', 1)[1].split()[1]), []).append(int(entry))
+        except (OSError, IndexError):
+            continue
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return [p for p in found if _state(p) not in (None, 'Z')]
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='reads /proc')
+def test_workers_end_when_their_parent_is_killed():
+    """SIGKILL gives the parent no chance to stop its pool: the workers must notice (and
+    with them gone, the forkserver and resource tracker end too)."""
+    parent = subprocess.Popen([sys.executable, '-c', KILLED_PARENT], stdout=subprocess.PIPE,
+                              text=True, env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    assert parent.stdout.readline().strip() == 'TOKENIZING'
+    helpers = _descendants(parent.pid)   # forkserver, 2 workers, resource tracker
+    assert len(helpers) >= 3
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    alive = helpers
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [p for p in helpers if _state(p) not in (None, 'Z')]
+    for p in alive:
+        os.kill(p, signal.SIGKILL)
+    assert alive == []

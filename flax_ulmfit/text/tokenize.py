@@ -5,7 +5,11 @@ import itertools
 import multiprocessing
 import os
 import re
+import select
+import signal
 import sys
+import threading
+import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -27,6 +31,31 @@ def _init_worker(lang: str):
     global _splitter
     if _splitter is None or _splitter.lang != lang:
         _splitter = WordSplitter(lang)
+
+
+def _start_worker(lang: str, parent: int):
+    """Pool initializer: Ctrl-C is the parent's to handle (no worker tracebacks), and the
+    worker ends when `parent` does, even when it was killed (pool workers otherwise wait
+    on their queue forever, and keep the forkserver alive with them)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_after, args=(parent,), daemon=True).start()
+    _init_worker(lang)
+
+
+def _exit_after(pid: int):
+    try:
+        fd = os.pidfd_open(pid)        # Linux: wakes up exactly when `pid` exits
+        select.select([fd], [], [])
+    except (AttributeError, OSError):  # elsewhere (or `pid` already gone): poll
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            except PermissionError:
+                pass
+            time.sleep(1.0)
+    os._exit(1)
 
 
 def _split_chunk(texts: list[str]) -> list[str]:
@@ -133,8 +162,8 @@ class Tokenizer:
                     yield from self._emit(docs, bar)
                 return
             ctx = _pool_context(self.lang, self.start_method)
-            with ProcessPoolExecutor(self.n_workers, mp_context=ctx, initializer=_init_worker,
-                                     initargs=(self.lang,)) as pool:
+            with ProcessPoolExecutor(self.n_workers, mp_context=ctx, initializer=_start_worker,
+                                     initargs=(self.lang, os.getpid())) as pool:
                 pending = collections.deque()
                 for chunk in chunks:
                     key = self._key(chunk)
