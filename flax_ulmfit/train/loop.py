@@ -40,7 +40,7 @@ from flax_ulmfit.train.step import TrainState
 _LAG = 2  # a step's metrics are read when two later steps are queued: the device never waits
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(FloatingPointError):
   """The loss or the gradients became inf/NaN; `fit` stopped (fastai's TerminateOnNaNCallback)."""
 
 
