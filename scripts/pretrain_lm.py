@@ -57,6 +57,11 @@ def split_docs(texts: list[str], valid_pct: float, seed: int) -> tuple[list[str]
 
 
 def main(args: argparse.Namespace) -> list[dict]:
+  from flax_ulmfit.text import corpora
+  texts = corpora.read_wikitext(args.wikitext) if args.wikitext else corpora.wikipedia_sample()
+  if not texts:
+    raise ValueError(f'no article in {args.wikitext}: a WikiText file has " = Title = " lines, each followed by text')
+  train_texts, valid_texts = split_docs(texts[:args.max_docs] if args.max_docs else texts, args.valid_pct, args.seed)
   run = cli.RunFolder(args.out)
   run.open(args)
   mesh = cli.device_mesh(args.devices)
@@ -66,7 +71,7 @@ def main(args: argparse.Namespace) -> list[dict]:
   from flax_ulmfit import checkpoint, parallel
   from flax_ulmfit.interop import flax_to_torch
   from flax_ulmfit.models import LanguageModel, awd_lstm_lm_config
-  from flax_ulmfit.text import Tokenizer, Vocab, corpora
+  from flax_ulmfit.text import Tokenizer, Vocab
   from flax_ulmfit.text.data import LMLoader
   from flax_ulmfit.text.files import write_json
   from flax_ulmfit.train import optim, precision, schedules
@@ -80,9 +85,6 @@ def main(args: argparse.Namespace) -> list[dict]:
   too_high = {k: p * args.drop_mult for k, p in config.items() if k.endswith('_p') and p * args.drop_mult >= 1}
   if too_high:
     raise ValueError(f'--drop-mult {args.drop_mult} makes dropout probabilities >= 1: {too_high}')
-  texts = corpora.read_wikitext(args.wikitext) if args.wikitext else corpora.wikipedia_sample()
-  texts = texts[:args.max_docs] if args.max_docs else texts
-  train_texts, valid_texts = split_docs(texts, args.valid_pct, args.seed)
   tokenizer = Tokenizer(cache_dir=run.token_cache)
   train_tokens, valid_tokens = tokenizer(train_texts), tokenizer(valid_texts)
   vocab = Vocab.from_tokens(train_tokens, max_vocab=args.max_vocab, min_freq=args.min_freq)
