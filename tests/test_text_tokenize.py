@@ -158,15 +158,18 @@ def test_workers_avoid_fork_once_jax_is_loaded(monkeypatch):
     assert tokenize._pool_context('en', None).get_start_method() == 'fork'
 
 
-KILLED_PARENT = '''
+STOPPED_PARENT = '''
 import sys, time
 import jax   # as in a training script: workers start from a forkserver
 from flax_ulmfit.text import Tokenizer
 if __name__ == '__main__':
     stream = Tokenizer(n_workers=2, chunk_chars=2000, progress=False).stream(['Some text.'] * 2000)
     next(stream)
-    print('TOKENIZING', flush=True)
-    time.sleep(120)
+    try:
+        print('TOKENIZING', flush=True)
+        time.sleep(120)
+    except KeyboardInterrupt:
+        print('STOPPED', flush=True)
 '''
 
 
@@ -197,16 +200,22 @@ def _descendants(pid: int) -> list[int]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='reads /proc')
-def test_workers_end_when_their_parent_is_killed():
+@pytest.mark.parametrize('stop', ['kill -9 the parent', 'Ctrl-C to the process group'])
+def test_workers_end_with_their_parent_and_leave_ctrl_c_to_it(stop):
     """SIGKILL gives the parent no chance to stop its pool: the workers must notice (and
-    with them gone, the forkserver and resource tracker end too)."""
-    parent = subprocess.Popen([sys.executable, '-c', KILLED_PARENT], stdout=subprocess.PIPE,
-                              text=True, env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    with them gone, the forkserver and resource tracker end too). Ctrl-C in a terminal hits
+    every process of the group: only the parent may react, with no worker tracebacks."""
+    parent = subprocess.Popen([sys.executable, '-c', STOPPED_PARENT], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True,
+                              env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
     assert parent.stdout.readline().strip() == 'TOKENIZING'
     helpers = _descendants(parent.pid)   # forkserver, 2 workers, resource tracker
     assert len(helpers) >= 3
-    parent.kill()
-    parent.wait()
+    if stop == 'kill -9 the parent':
+        parent.kill()
+    else:
+        os.killpg(parent.pid, signal.SIGINT)
+    out, err = parent.communicate(timeout=60)
     deadline = time.monotonic() + 10
     alive = helpers
     while alive and time.monotonic() < deadline:
@@ -215,3 +224,5 @@ def test_workers_end_when_their_parent_is_killed():
     for p in alive:
         os.kill(p, signal.SIGKILL)
     assert alive == []
+    if stop != 'kill -9 the parent':
+        assert out.strip() == 'STOPPED' and 'Traceback' not in err, err

@@ -3,6 +3,7 @@ import collections
 import hashlib
 import itertools
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import re
 import select
@@ -73,7 +74,36 @@ def _pool_context(lang: str, start_method: str | None):
         _init_worker(lang)
     elif start_method == 'forkserver':
         ctx.set_forkserver_preload(['flax_ulmfit.text.preload'])
+        _start_forkserver_ignoring_ctrl_c()
     return ctx
+
+
+def _start_forkserver_ignoring_ctrl_c():
+    """Starts the forkserver with SIGINT ignored (inherited through exec): it imports spaCy
+    for seconds before it would ignore Ctrl-C itself, and printed a traceback when hit then."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _submit(pool: ProcessPoolExecutor, fn, *args):
+    """`pool.submit`, with Ctrl-C held back until it returns: submit may start a worker, and a
+    KeyboardInterrupt inside that start left a worker the pool did not know about, which
+    then failed (with a traceback) once the parent had cleaned up its queues."""
+    if threading.current_thread() is not threading.main_thread():
+        return pool.submit(fn, *args)
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda *_: held.append(True))
+    try:
+        return pool.submit(fn, *args)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held and callable(previous):   # the handler it held back (default: KeyboardInterrupt)
+            previous(signal.SIGINT, None)
 
 
 def _chunks(texts: Iterable[str], chunk_chars: int) -> Iterator[list[str]]:
@@ -169,7 +199,7 @@ class Tokenizer:
                     key = self._key(chunk)
                     cached = self._load(key, len(chunk))
                     pending.append((key, cached, None if cached else
-                                    pool.submit(_split_chunk, chunk)))
+                                    _submit(pool, _split_chunk, chunk)))
                     while len(pending) > 2 * self.n_workers:
                         yield from self._finish(pending.popleft(), bar)
                 while pending:
