@@ -37,7 +37,6 @@ def _number(kind: type, test: Callable[[Any], bool], wanted: str):
     if not test(value):
       raise argparse.ArgumentTypeError(f'expected {wanted}, got {text!r}')
     return value
-  parse.__name__ = wanted  # argparse names the type in its messages
   return parse
 
 
@@ -115,7 +114,7 @@ def device_mesh(n: int):
 
 def settings(args: argparse.Namespace) -> dict:
   """The flags that define what a run trains (JSON-able): a resumed run must repeat them."""
-  return {k: str(v) if isinstance(v, Path) else v for k, v in sorted(vars(args).items())
+  return {k: str(v.resolve()) if isinstance(v, Path) else v for k, v in sorted(vars(args).items())
           if k not in RESUMABLE_CHANGES}
 
 

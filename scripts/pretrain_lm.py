@@ -111,7 +111,8 @@ def main(args: argparse.Namespace) -> list[dict]:
 
   if args.lr_find:
     result = lr_find(model, lm_loss, make_tx, [b for _, b in zip(range(100), train_dl.batches(0))],
-                     rng=jax.random.key(args.seed), init_carry=first_state, plot_path=run.lr_find_plot)
+                     rng=jax.random.key(args.seed), init_carry=lambda batch: model.zero_state(batch[0].shape[0]),
+                     plot_path=run.lr_find_plot)  # one device: lr_find's step is not data-parallel
     print(f'lr_find: valley {result.suggestion:.2e} (plot: {run.lr_find_plot}); train with --lr {result.suggestion:.1e}')
     return []
 

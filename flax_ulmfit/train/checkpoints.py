@@ -114,8 +114,8 @@ class TrainCheckpoints:
                             + '; '.join(diffs[:8]) + '. Resume with the same settings and data, or start a new run')
 
   def save(self, step: int, state: Any, carry: Any, info: dict) -> None:
-    """Saves `state`, `carry` (None mid-epoch-free) and `info` as checkpoint `step`
-    (replacing an older checkpoint of the same step), then drops all but the newest `keep`."""
+    """Saves `state`, `carry` (the recurrent state carried mid-epoch, or None) and `info`
+    as checkpoint `step` (replacing one of the same step), then drops all but the newest `keep`."""
     import orbax.checkpoint as ocp
     manager = self._open(create=True)
     if step in manager.all_steps():

@@ -318,6 +318,9 @@ def fit(train_step: Callable, state: TrainState, train_data, n_epoch: int, *, rn
     epoch, batch, step, elapsed, finished = info['epoch'], info['batch'], info['step'], info['elapsed'], info['finished']
     carry_like = None
     if info['has_carry']:
+      if init_carry is None:
+        raise CheckpointError(f'fit: the checkpoint in {checkpoints.directory} holds a carried state (a language '
+                              'model stopped mid-epoch): pass the init_carry the run was started with')
       batches = _epoch_batches(train_data, epoch, batch)
       first = next(batches)
       batches = itertools.chain([first], batches)
