@@ -23,13 +23,15 @@ from tests.test_train_loop import Mlp, blobs, loss_fn
 N_EPOCH = 3
 
 
-def setup(width: int = 16):
+def setup(width: int = 16, scaled: bool = False):
   model = Mlp(rngs=nnx.Rngs(0))
   if width != 16:
     model.l1, model.l2 = nnx.Linear(2, width, rngs=nnx.Rngs(0)), nnx.Linear(width, 3, rngs=nnx.Rngs(0))
   total = N_EPOCH * 8
   tx = optim.fastai_optimizer(optim.label_params(nnx.state(model, nnx.Param), [('', 'all')]),
                               {'all': schedules.one_cycle(total, 3e-2)}, mom=schedules.one_cycle_moms(total))
+  if scaled:  # the scale grows every 5 clean steps: its state must come back exactly
+    tx = precision.dynamic_loss_scale(tx, init_scale=2.0 ** 10, growth_interval=5)
   return model, tx
 
 
@@ -51,8 +53,8 @@ class Blobs:
       yield self.data[order[b]]
 
 
-def train(checkpoints=None, hook=None, resume=False, save_every=None, callbacks=(), width=16):
-  model, tx = setup(width)
+def train(checkpoints=None, hook=None, resume=False, save_every=None, callbacks=(), width=16, scaled=False):
+  model, tx = setup(width, scaled)
   state = init_train_state(model, tx)
   return fit(make_train_step(model, loss_fn, tx), state, Blobs(hook), N_EPOCH, rng=jax.random.key(1),
              eval_step=make_eval_step(model, loss_fn), valid_data=blobs(32, 1), progress=False,
@@ -67,6 +69,11 @@ def assert_same_params(a, b):
 @pytest.fixture(scope='module')
 def uninterrupted():
   return train()
+
+
+@pytest.fixture(scope='module')
+def uninterrupted_scaled():
+  return train(scaled=True)
 
 
 def crash_at(epoch, batch):
@@ -85,6 +92,16 @@ def test_a_crashed_run_resumes_to_the_same_params_and_history(tmp_path, uninterr
   assert_same_params(state, uninterrupted[0])
   strip = lambda h: [{k: v for k, v in r.items() if k != 'time'} for r in h]
   assert strip(history) == strip(uninterrupted[1])
+
+
+def test_the_loss_scale_resumes_exactly(tmp_path, uninterrupted_scaled):
+  checkpoints = TrainCheckpoints(tmp_path / 'ck')
+  with pytest.raises(RuntimeError, match='crash'):
+    train(checkpoints, crash_at(1, 7), save_every=3, scaled=True)
+  state, _ = train(checkpoints, resume=True, save_every=3, scaled=True)
+  assert_same_params(state, uninterrupted_scaled[0])
+  assert float(precision.loss_scale(state.opt_state)) == 2.0 ** 10 * 2 ** 4  # 24 clean steps: grew 4 times
+  assert int(state.opt_state.good_steps) == int(uninterrupted_scaled[0].opt_state.good_steps) == 4
 
 
 def test_ctrl_c_saves_the_step_it_stopped_after_and_resume_continues(tmp_path, uninterrupted):
