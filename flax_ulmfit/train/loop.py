@@ -398,7 +398,6 @@ def fit(train_step: Callable, state: TrainState, train_data, n_epoch: int, *, rn
         record |= {'lr': steps.log['learning_rate'][-1], 'mom': (steps.log['mom'] or [math.nan])[-1]}
       record['time'] = round(elapsed + time.perf_counter() - start, 2)
       _print_row(record, not history)
-      log.write(record)
       history.append(record)
       stop = [cb.after_epoch(epoch, record, state) for cb in callbacks]
       if any(stop):
@@ -408,6 +407,7 @@ def fit(train_step: Callable, state: TrainState, train_data, n_epoch: int, *, rn
       if checkpoints is not None:
         start = time.perf_counter()
         save()
+      log.write(record)  # after the checkpoint: the log never holds an epoch the checkpoints lack
   if plot_path is not None:
     save_plots(plot_path, steps.log, history)
   return state, history
