@@ -222,6 +222,17 @@ def save_plots(path: str | os.PathLike, steps: dict[str, list[float]], epochs: l
   plots.save(fig, path)
 
 
+def _checked_info(checkpoints: TrainCheckpoints, step: int, expected: dict) -> dict:
+  """The info of checkpoint `step`, refused unless its run meta and `expected` values match."""
+  info = checkpoints.read_info(step)
+  checkpoints.check_meta(info)
+  diffs = [f'{k}: {info[k]!r} in the checkpoint, {v!r} now' for k, v in expected.items() if info[k] != v]
+  if diffs:
+    raise CheckpointError(f'fit: the checkpoint in {checkpoints.directory} was made by a different run: '
+                          + '; '.join(diffs) + '; resume with the same data, epochs and key')
+  return info
+
+
 @contextlib.contextmanager
 def _deferred_signals() -> Iterator[Callable[[], int | None]]:
   """While inside, SIGINT and SIGTERM only record themselves (`fit` stops cleanly at the end
@@ -308,16 +319,10 @@ def fit(train_step: Callable, state: TrainState, train_data, n_epoch: int, *, rn
     raise CheckpointError(f'fit: {checkpoints.directory} already holds checkpoints (newest: step {latest}); '
                           'pass resume=True to continue that run, or clear them (TrainCheckpoints.clear)')
   if latest is not None:
-    info = checkpoints.read_info(latest)
-    checkpoints.check_meta(info)
-    expected = {'n_epoch': n_epoch, 'batches_per_epoch': n_batches, 'rng': key}
-    diffs = [f'{k}: {info[k]!r} in the checkpoint, {v!r} now' for k, v in expected.items() if info[k] != v]
-    if diffs:
-      raise CheckpointError(f'fit: the checkpoint in {checkpoints.directory} was made by a different run: '
-                            + '; '.join(diffs) + '; resume with the same data, epochs and key')
+    info = _checked_info(checkpoints, latest, {'n_epoch': n_epoch, 'batches_per_epoch': n_batches, 'rng': key})
     epoch, batch, step, elapsed, finished = info['epoch'], info['batch'], info['step'], info['elapsed'], info['finished']
     carry_like = None
-    if info['has_carry']:
+    if info['has_carry']:  # mid-epoch: the carry's template comes from the batch where the run stopped
       if init_carry is None:
         raise CheckpointError(f'fit: the checkpoint in {checkpoints.directory} holds a carried state (a language '
                               'model stopped mid-epoch): pass the init_carry the run was started with')
