@@ -1,4 +1,6 @@
 """The training pieces on their own: errors on bad input, mixup's rules, param-group helpers, bf16 steps."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -124,9 +126,13 @@ def test_schedules_reject_bad_arguments():
     schedules.stlr(5, cut_frac=0.1)
 
 
-def test_dynamic_loss_scale_rejects_bad_factors():
-  with pytest.raises(ValueError, match='backoff_factor=2.0'):
-    precision.dynamic_loss_scale(optax.sgd(1.0), backoff_factor=2.0)
+@pytest.mark.parametrize('kwargs', [dict(backoff_factor=2.0), dict(growth_factor=0.5), dict(growth_interval=0),
+                                    dict(init_scale=0.0), dict(init_scale=-1.0), dict(init_scale=float('inf')),
+                                    dict(init_scale=float('nan')), dict(init_scale=2.0 ** 128)])
+def test_dynamic_loss_scale_rejects_bad_arguments(kwargs):
+  (name, value), = kwargs.items()
+  with pytest.raises(ValueError, match=re.escape(f'{name}={value}')):
+    precision.dynamic_loss_scale(optax.sgd(1.0), **kwargs)
 
 
 class Mlp(nnx.Module):
