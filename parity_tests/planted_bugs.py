@@ -38,6 +38,20 @@ BUGS = [
     Bug('loader_empty_last', 'loaders', 'LMLoader: an empty last batch when `bl % bptt == 0` and `drop_last=False`',
         'flax_ulmfit/text/data.py', 'math.ceil(self.bl / bptt)', 'self.bl // bptt + 1',
         ('tests/test_text_data.py', 'parity_tests/test_fastai_lm_loader.py')),
+    Bug('weight_mask_unscaled', 'models', 'sample_masks: weight-dropout masks a plain Bernoulli draw, not scaled by 1/(1-p)',
+        'flax_ulmfit/models/awd_lstm.py',
+        'weight=[dp.draw(rnn.weight_hh.shape, k) for dp, rnn, k in zip(self.weight_dps, self.rnns, k_weight)],',
+        'weight=[jax.random.bernoulli(k, 1 - dp.p, rnn.weight_hh.shape).astype(jnp.float32) '
+        'for dp, rnn, k in zip(self.weight_dps, self.rnns, k_weight)],',
+        ('tests/test_awd_lstm.py', 'tests/test_lm_training.py', 'parity_tests/test_awd_lstm_parity.py')),
+    Bug('weight_site_unscaled', 'models', 'WeightDropout drawing on demand: a plain Bernoulli mask, not scaled',
+        'flax_ulmfit/models/dropout.py', "    mask = self.draw(weight.shape) if mask is None else mask\n",
+        "    mask = jax.random.bernoulli(self.rngs(), 1 - self.p, weight.shape) if mask is None else mask\n",
+        ('tests/test_awd_lstm.py', 'parity_tests/test_awd_lstm_parity.py')),
+    Bug('weight_mask_one_key', 'models', 'sample_masks: one key for every layer\'s weight mask',
+        'flax_ulmfit/models/awd_lstm.py', 'k_weight = jax.random.split(k_weight, self.n_layers)',
+        'k_weight = [k_weight] * self.n_layers',
+        ('tests/test_awd_lstm.py', 'tests/test_lm_training.py', 'parity_tests/test_awd_lstm_parity.py')),
 ]
 
 
