@@ -1,5 +1,6 @@
 """Plants realistic bugs one at a time in a scratch copy of the repository and runs the tests
-that should catch each: the record behind the bug table in docs/parity.md.
+that should catch each, up to the first failure: the record behind the bug table in
+docs/parity.md.
 
   PYTHONPATH=. python -m parity_tests.planted_bugs            # every bug, a markdown table
   PYTHONPATH=. python -m parity_tests.planted_bugs loader_bl  # the named ones only
@@ -174,7 +175,7 @@ def _failed_tests(output: str) -> list[str]:
 
 
 def run(bug: Bug, copy: Path) -> list[str]:
-  """Plants `bug` in `copy`, runs its tests, restores the file; returns the failing tests."""
+  """Plants `bug` in `copy`, runs its tests until one fails, restores the file; returns the failing test."""
   path = copy / bug.path
   original = path.read_text()
   if original.count(bug.old) != 1:
@@ -182,7 +183,7 @@ def run(bug: Bug, copy: Path) -> list[str]:
   path.write_text(original.replace(bug.old, bug.new))
   try:
     env = dict(os.environ, PYTHONPATH=str(copy))
-    result = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', *bug.tests],
+    result = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-x', '-p', 'no:cacheprovider', *bug.tests],
                             cwd=copy, env=env, capture_output=True, text=True)
   finally:
     path.write_text(original)

@@ -23,6 +23,7 @@ import torch_ref.losses as ref_losses
 from flax_ulmfit.interop import flax_to_torch, torch_to_flax
 from flax_ulmfit.models import LanguageModel
 from flax_ulmfit.train.lm import lm_loss
+from parity_tests.awd_lstm_cases import as_jax, max_diff
 
 GOLDEN = np.load(Path(__file__).parent / 'golden' / 'fastai_awd_lstm_train.npz', allow_pickle=False)
 CONFIG, VOCAB = json.loads(str(GOLDEN['config'])), int(GOLDEN['vocab'])
@@ -38,15 +39,6 @@ def masks(prefix: str) -> dict:
   n = CONFIG['n_layers']
   return dict(embed=get('embed'), input=get('input'), output=get('output'),
               weight=[get(f'weight{l}') for l in range(n)], hidden=[get(f'hidden{l}') for l in range(n - 1)])
-
-
-def as_jax(tree):
-  return jax.tree.map(jnp.asarray, tree)
-
-
-def max_diff(a, b) -> float:
-  a = a.detach().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
-  return float(np.max(np.abs(a - b)))
 
 
 @pytest.fixture(scope='module')
