@@ -22,6 +22,7 @@ References:
 """
 from __future__ import annotations
 
+import math
 import operator
 import os
 from collections.abc import Mapping, Sequence
@@ -36,7 +37,7 @@ from flax import nnx
 
 from flax_ulmfit.interop import flax_to_torch, torch_to_flax
 from flax_ulmfit.interop._checks import as_numpy
-from flax_ulmfit.interop.fastai_files import read_itos, read_state_dict, write_itos, write_state_dict
+from flax_ulmfit.interop.fastai_files import read_itos, read_state_dict, write_pretrained, write_state_dict
 from flax_ulmfit.models.awd_lstm import AWDLSTM, LanguageModel
 from flax_ulmfit.train import optim, schedules
 
@@ -132,9 +133,8 @@ def load_pretrained(lm: LanguageModel, weights: str | os.PathLike, vocab: str | 
                      f'embedding in {weights} has {wgts[EMBEDDING].shape[0]} rows; they do not belong together')
   try:
     return torch_to_flax(match_embeds(wgts, old_itos, new_itos), lm)
-  except (KeyError, ValueError) as err:
-    raise type(err)(f'load_pretrained: {weights} does not fit this LanguageModel (build it with the '
-                    f'config the weights were trained with): {err.args[0]}') from err
+  except (KeyError, ValueError) as err:  # the converter names the key; say which file
+    raise type(err)(f'load_pretrained: {weights}: {err.args[0]}') from err
 
 
 def save_pretrained(lm: LanguageModel, vocab: Sequence[str], path: str | os.PathLike) -> tuple[Path, Path]:
@@ -148,9 +148,7 @@ def save_pretrained(lm: LanguageModel, vocab: Sequence[str], path: str | os.Path
   if not isinstance(lm, LanguageModel) or len(itos) != lm.encoder.vocab_sz:
     raise ValueError(f'save_pretrained: expected a LanguageModel whose vocabulary size is len(vocab)={len(itos)}')
   path = Path(path)
-  stem = path.with_suffix('') if path.suffix in ('.pth', '.pkl') else path
-  pkl = write_itos(f'{stem}.pkl', itos)
-  return write_state_dict(f'{stem}.pth', flax_to_torch(lm)), pkl
+  return write_pretrained(path.with_suffix('') if path.suffix in ('.pth', '.pkl') else path, flax_to_torch(lm), itos)
 
 
 def save_encoder(model: LanguageModel | AWDLSTM, path: str | os.PathLike) -> Path:
@@ -203,8 +201,12 @@ def group_lrs(lr: float | slice, n_groups: int) -> list[float]:
   if isinstance(lr, slice):
     if lr.step is not None or lr.stop is None:
       raise ValueError(f'group_lrs: use slice(hi) or slice(lo, hi), got {lr}')
-    return optim.discriminative_lrs(lr.start, lr.stop, n_groups) if lr.start else optim.discriminative_lrs(lr.stop, None, n_groups)
-  return [float(lr)] * n_groups
+    lrs = optim.discriminative_lrs(lr.start, lr.stop, n_groups) if lr.start else optim.discriminative_lrs(lr.stop, None, n_groups)
+  else:
+    lrs = [float(lr)] * n_groups
+  if not all(math.isfinite(x) and x > 0 for x in lrs):
+    raise ValueError(f'group_lrs: learning rates must be positive and finite, got lr={lr}')
+  return lrs
 
 
 # --- Stages ---------------------------------------------------------------------------------
@@ -258,6 +260,23 @@ CLASSIFIER = Recipe(
     drop_mult=0.5)
 
 
+def check_recipe(recipe: Recipe) -> None:
+  """Raises ValueError naming the first field of `recipe` that would train wrongly or not at all."""
+  if not recipe.stages:
+    raise ValueError('Recipe: stages is empty; give at least one Stage')
+  for stage in recipe.stages:
+    if int(stage.epochs) < 1:
+      raise ValueError(f'Recipe: stage {stage.name!r} must train >= 1 epoch, got epochs={stage.epochs}')
+  problems = {'wd': not 0 <= recipe.wd < math.inf, 'eps': not 0 < recipe.eps < math.inf,
+              'clip': recipe.clip is not None and not 0 < recipe.clip < math.inf,
+              'moms': len(recipe.moms) != 3 or not all(0 <= m < 1 for m in recipe.moms),
+              'drop_mult': not 0 <= recipe.drop_mult < math.inf}
+  bad = [name for name, wrong in problems.items() if wrong]
+  if bad:
+    raise ValueError(f'Recipe: {bad[0]}={getattr(recipe, bad[0])!r} is out of range (wd >= 0, eps > 0, '
+                     'clip None or > 0, three moms in [0, 1), drop_mult >= 0)')
+
+
 def stage_optimizer(labels: Any, groups: Sequence[str], stage: Stage, recipe: Recipe, total_steps: int,
                     wd_mask: Any = None) -> optax.GradientTransformation:
   """The optimizer of one stage: fastai's Adam per group with the stage's one-cycle rates
@@ -290,6 +309,7 @@ def stage_optimizers(model: nnx.Module, split: Split, recipe: Recipe,
   """
   if int(steps_per_epoch) < 1:
     raise ValueError(f'stage_optimizers: steps_per_epoch must be >= 1, got {steps_per_epoch=}')
+  check_recipe(recipe)
   params = nnx.state(model, nnx.Param)
   labels = optim.label_params(params, split.rules)
   empty = sorted(set(split.groups) - set(jax.tree.leaves(labels)))

@@ -126,7 +126,8 @@ def test_classifier_split_and_gradual_unfreezing_stages():
     nnx.BatchNorm,
     pytest.param(BatchNorm, marks=pytest.mark.xfail(
         strict=True, reason="optim.bn_bias_mask's norm rule does not know models.batchnorm.BatchNorm yet "
-                            "(the vision branch makes it structural); remove this mark when it does"))])
+                            "(the vision branch makes it structural); remove this mark when it does"))],
+    ids=['nnx.BatchNorm', 'models.batchnorm.BatchNorm'])
 def test_classifier_head_batchnorm_is_exempt_from_weight_decay(norm_cls):
   clf = ClassifierPaths(norm_cls)
   (_, tx), *_ = ulmfit.stage_optimizers(clf, ulmfit.awd_lstm_clas_split(3), ulmfit.CLASSIFIER, steps_per_epoch=1)
@@ -141,6 +142,18 @@ def test_stage_optimizers_refuses_a_split_that_does_not_fit_the_model():
     ulmfit.stage_optimizers(tiny_lm(), ulmfit.awd_lstm_lm_split(2), ulmfit.LM_FINETUNE, steps_per_epoch=2)
   with pytest.raises(ValueError, match='steps_per_epoch'):
     ulmfit.stage_optimizers(tiny_lm(), ulmfit.awd_lstm_lm_split(3), ulmfit.LM_FINETUNE, steps_per_epoch=0)
+
+
+@pytest.mark.parametrize('change, match', [
+    (dict(clip=-1.0), 'clip=-1.0'), (dict(wd=float('nan')), 'wd=nan'), (dict(moms=(0.8, 0.7)), 'moms'),
+    (dict(stages=()), 'stages is empty'),
+    (dict(stages=(ulmfit.Stage('none', 0, 1e-3, 0),)), "stage 'none' must train >= 1 epoch"),
+    (dict(stages=(ulmfit.Stage('neg', 1, -1e-3, 0),)), 'positive and finite'),
+    (dict(stages=(ulmfit.Stage('deep', 1, 1e-3, -5),)), 'freeze_to must be in'),
+])
+def test_bad_recipes_are_refused_before_training(change, match):
+  with pytest.raises(ValueError, match=match):
+    ulmfit.stage_optimizers(tiny_lm(), ulmfit.awd_lstm_lm_split(3), ulmfit.LM_FINETUNE._replace(**change), 2)
 
 
 def test_presets_are_fastai_tutorial_recipes():
@@ -212,6 +225,17 @@ def test_state_dict_bad_files(tmp_path):
       fastai_files.read_state_dict(tmp_path / f'{name}.pth')
 
 
+def test_non_finite_weights_are_never_written(tmp_path):
+  lm = tiny_lm()
+  files = ulmfit.save_pretrained(lm, VOCAB, tmp_path / 'wt')
+  before = [f.read_bytes() for f in files]
+  lm.decoder.bias[...] = lm.decoder.bias[...].at[3].set(jnp.nan)
+  with pytest.raises(ValueError, match=r"\['1.decoder.bias'\] hold NaN"):
+    ulmfit.save_pretrained(lm, VOCAB[::-1], tmp_path / 'wt')  # neither the weights nor the vocabulary change
+  assert [f.read_bytes() for f in files] == before
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['wt.pkl', 'wt.pth']
+
+
 def test_save_pretrained_round_trip_and_vocabulary_transfer(tmp_path):
   lm = tiny_lm(seed=1)
   pth, pkl = ulmfit.save_pretrained(lm, VOCAB, tmp_path / 'wt')
@@ -248,7 +272,7 @@ def test_load_pretrained_bad_input_names_what_is_wrong(tmp_path):
   with pytest.raises(TypeError, match='new_vocab must be a list of tokens'):
     ulmfit.load_pretrained(tiny_lm(), pth, pkl, 'w0 w1')
   wider = LanguageModel(len(VOCAB), dict(TINY, n_hid=8), rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match='does not fit this LanguageModel'):
+  with pytest.raises(ValueError, match=r'wt.pth: .*the model expects'):
     ulmfit.load_pretrained(wider, pth, pkl, VOCAB)
   fastai_files.write_state_dict(tmp_path / 'enc.pth', flax_to_torch(tiny_lm().encoder))
   with pytest.raises(KeyError, match='not a fastai AWD-LSTM language model'):

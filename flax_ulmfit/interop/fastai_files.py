@@ -7,8 +7,9 @@
 - `read_itos(path)`: a vocabulary (`itos`, a list of tokens) from a pickle, read only after
   an opcode check admits nothing but a list of strings (no import, no call), or from JSON
   (a list, or an object with an `itos` list such as `Vocab.save` writes).
-- `write_state_dict(path, state_dict)` and `write_itos(path, itos)`: files that fastai's
-  `torch.load` and `load_pickle` read; each written to a temporary file, then renamed.
+- `write_state_dict(path, state_dict)`, `write_itos(path, itos)` and `write_pretrained(stem,
+  state_dict, itos)` (both at once): files that fastai's `torch.load` and `load_pickle`
+  read; checked first, written to temporary files, then renamed into place.
 """
 from __future__ import annotations
 
@@ -155,34 +156,62 @@ def read_itos(path: str | os.PathLike) -> list[str]:
   return itos
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+def _write_atomically(files: Mapping[Path, bytes]) -> None:
+  """Writes every file to a temporary beside it, then renames them all into place."""
+  temporaries = {}
   try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
+    for path, data in files.items():
+      path.parent.mkdir(parents=True, exist_ok=True)
+      fd, temporaries[path] = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+      with os.fdopen(fd, 'wb') as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    for path, tmp in temporaries.items():
+      os.replace(tmp, path)
   except BaseException:
-    Path(tmp).unlink(missing_ok=True)
+    for tmp in temporaries.values():
+      Path(tmp).unlink(missing_ok=True)
     raise
 
 
-def write_state_dict(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray]) -> Path:
-  """Writes `state_dict` (numpy arrays, key order kept) as a torch `.pth` file; returns the path."""
-  torch, path = _torch('write_state_dict'), Path(path)
+def _state_dict_bytes(state_dict: Mapping[str, np.ndarray], where: str) -> bytes:
+  torch = _torch(where)
+  state_dict = {k: as_numpy(v, k) for k, v in state_dict.items()}
+  bad = [k for k, v in state_dict.items() if v.dtype.kind == 'f' and not np.isfinite(v).all()]
+  if bad:
+    raise ValueError(f'{where}: {bad[:5]} hold NaN or infinite values; nothing written (training '
+                     'diverged: lower the learning rate or restore a checkpoint)')
   buffer = io.BytesIO()
   torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}, buffer)
-  _write_atomically(path, buffer.getvalue())
+  return buffer.getvalue()
+
+
+def _itos_bytes(itos: Sequence[str], where: str) -> bytes:
+  itos = list(itos)
+  if not itos or not all(isinstance(t, str) for t in itos):
+    raise ValueError(f'{where}: itos must be a non-empty sequence of strings')
+  return pickle.dumps(itos, protocol=4)
+
+
+def write_state_dict(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray]) -> Path:
+  """Writes `state_dict` (arrays, key order kept) as a torch `.pth` file; returns the path.
+  Non-finite weights (a diverged run) are refused, so they never replace a good file."""
+  path = Path(path)
+  _write_atomically({path: _state_dict_bytes(state_dict, 'write_state_dict')})
   return path
 
 
 def write_itos(path: str | os.PathLike, itos: Sequence[str]) -> Path:
   """Writes the vocabulary as a pickled list of strings (what fastai's `load_pickle` reads)."""
-  itos = list(itos)
-  if not itos or not all(isinstance(t, str) for t in itos):
-    raise ValueError('write_itos: itos must be a non-empty sequence of strings')
   path = Path(path)
-  _write_atomically(path, pickle.dumps(itos, protocol=4))
+  _write_atomically({path: _itos_bytes(itos, 'write_itos')})
   return path
+
+
+def write_pretrained(stem: str | os.PathLike, state_dict: Mapping[str, np.ndarray],
+                     itos: Sequence[str]) -> tuple[Path, Path]:
+  """Writes `{stem}.pth` and `{stem}.pkl` together: both are checked before either is written."""
+  pth, pkl = Path(f'{stem}.pth'), Path(f'{stem}.pkl')
+  _write_atomically({pth: _state_dict_bytes(state_dict, 'write_pretrained'), pkl: _itos_bytes(itos, 'write_pretrained')})
+  return pth, pkl
