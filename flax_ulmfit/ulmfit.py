@@ -250,8 +250,9 @@ LM_FINETUNE = Recipe(
     stages=(Stage('frozen', 1, 2e-2, freeze_to=-1), Stage('unfrozen', 10, 2e-3, freeze_to=0)),
     drop_mult=0.3, bs=128, seq_len=80)
 
-# fastai's tutorial.text and fastbook chapter 10: text_classifier_learner(drop_mult=0.5), the
-# head at 2e-2, then gradual unfreezing with discriminative rates (2.6 per group).
+# fastai's tutorial.text and fastbook chapter 10: text_classifier_learner(drop_mult=0.5) is frozen
+# after load_encoder; the head at 2e-2, then gradual unfreezing with discriminative rates (2.6
+# per group). TextLearner adds AR/TAR to the classifier too, on the sentence encoder's output.
 CLASSIFIER = Recipe(
     stages=(Stage('head', 1, 2e-2, freeze_to=-1),
             Stage('last_two', 1, slice(1e-2 / 2.6 ** 4, 1e-2), freeze_to=-2),
@@ -265,7 +266,7 @@ def check_recipe(recipe: Recipe) -> None:
   if not recipe.stages:
     raise ValueError('Recipe: stages is empty; give at least one Stage')
   for stage in recipe.stages:
-    if int(stage.epochs) < 1:
+    if not isinstance(stage.epochs, int) or stage.epochs < 1:
       raise ValueError(f'Recipe: stage {stage.name!r} must train >= 1 epoch, got epochs={stage.epochs}')
   problems = {'wd': not 0 <= recipe.wd < math.inf, 'eps': not 0 < recipe.eps < math.inf,
               'clip': recipe.clip is not None and not 0 < recipe.clip < math.inf,
