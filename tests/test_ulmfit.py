@@ -204,6 +204,8 @@ def test_itos_bad_files(tmp_path):
   (tmp_path / 'cut.json').write_text('["a", "b"')
   with pytest.raises(ValueError, match='not readable JSON'):
     fastai_files.read_itos(tmp_path / 'cut.json')
+  (tmp_path / 'bom.json').write_bytes(b'\xef\xbb\xbf' + json.dumps(['a', 'ü']).encode())
+  assert fastai_files.read_itos(tmp_path / 'bom.json') == ['a', 'ü']  # a BOM, as some editors write
   (tmp_path / 'vocab.json').write_text(json.dumps({'format': 'flax_ulmfit.vocab/1', 'itos': ['a', 'b']}))
   assert fastai_files.read_itos(tmp_path / 'vocab.json') == ['a', 'b']  # what Vocab.save writes
   with pytest.raises(FileNotFoundError):

@@ -140,9 +140,9 @@ def read_itos(path: str | os.PathLike) -> list[str]:
   if not path.is_file():
     raise FileNotFoundError(f'read_itos: no file at {path}')
   data = path.read_bytes()
-  if data.lstrip()[:1] in (b'[', b'{'):
+  if data.removeprefix(b'\xef\xbb\xbf').lstrip()[:1] in (b'[', b'{'):
     try:
-      itos = json.loads(data.decode('utf-8'))
+      itos = json.loads(data.decode('utf-8-sig'))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
       raise ValueError(f'read_itos: {path} is not readable JSON ({err}); it may be truncated') from err
     if isinstance(itos, dict):
