@@ -13,7 +13,8 @@ from flax import nnx
 from flax_ulmfit import checkpoint
 from flax_ulmfit.train import losses, optim, schedules
 from flax_ulmfit.train.loop import EarlyStopping, SaveBest, fit, save_plots
-from flax_ulmfit.train.lr_find import lr_find
+from flax_ulmfit.train import lr_find as lr_find_module
+from flax_ulmfit.train.lr_find import lr_find, valley
 from flax_ulmfit.train.step import init_train_state, make_eval_step, make_train_step, update_model
 
 
@@ -108,13 +109,17 @@ def mlp_lr_find(model, plot_path=None):
                  rng=jax.random.key(0), start_lr=1e-5, end_lr=1e3, num_it=NUM_IT, plot_path=plot_path)
 
 
-def test_lr_find_sweeps_stops_on_divergence_suggests_fastais_valley_and_keeps_model(tmp_path):
+def test_lr_find_sweeps_stops_on_divergence_suggests_fastais_valley_and_keeps_model(tmp_path, monkeypatch):
   """The recorded curve is the one fastai's `valley` was run on (golden), and the suggestion
-  is fastai's: the same index into the curve after fastai's trimming (`[num_it // 10:-5]`)."""
+  is fastai's: the same index into the curve, which `valley` sees trimmed as fastai's
+  `Learner.lr_find` trims it (`[num_it // 10:-5]`)."""
   golden = np.load(GOLDEN_VALLEY)
   model = Mlp(rngs=nnx.Rngs(0))
   before = np.asarray(model.l1.kernel[...]).copy()
+  seen = []
+  monkeypatch.setattr(lr_find_module, 'valley', lambda lrs, losses: seen.append((lrs, losses)) or valley(lrs, losses))
   result = mlp_lr_find(model, tmp_path / 'lr.png')
+  assert seen == [(result.lrs[NUM_IT // 10:-5], result.losses[NUM_IT // 10:-5])]
   assert len(result.lrs) < NUM_IT  # lr 1e3 diverges: the sweep stopped early
   np.testing.assert_allclose(result.lrs, golden['lr_find_lrs'], rtol=1e-12)
   # 47 jitted float32 steps: the smoothed losses agree to rounding here; rtol 1e-5 leaves room
