@@ -48,7 +48,7 @@ def test_five_step_lm_trajectory_matches_torch_ref():
   encoder = torch_lm[0]
   tgroups = [list(encoder.rnns[l].parameters()) for l in range(n_layers)]
   tgroups.append(list(torch.nn.ModuleList([encoder.encoder, encoder.encoder_dp, torch_lm[1]]).parameters()))
-  no_wd = [p for n, p in torch_lm.named_parameters() if n.endswith('bias') or 'bias_' in n]
+  no_wd = [p for n, p in torch_lm.named_parameters() if n.endswith('.bias')]  # fastai decays the LSTM's bias_ih/hh
   topt = Adam(tgroups, lrs, no_wd=no_wd)
   lr_scheds, mom_sched = [ts.one_cycle(STEPS, lr) for lr in lrs], ts.one_cycle_moms(STEPS, MOMS)
 

@@ -4,6 +4,7 @@
 torch tensors or numpy arrays with fastai's key names; `flax_to_torch(model)` returns such a
 state_dict as numpy arrays (`{k: torch.from_numpy(v)}` loads it into torch). Supported:
 `LanguageModel`, `AWDLSTM`, `XResNet` (and its presets) and `CNNModel` (body + new head).
+`interop.fastai_files` reads and writes fastai's `.pth` weight files and `itos` vocabularies.
 """
 from __future__ import annotations
 
