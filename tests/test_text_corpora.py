@@ -24,6 +24,16 @@ def test_wikitext_splits_articles_at_titles_only(tmp_path):
     assert arts[1] == '= Tower Building = \n \n The building is 1 @,@ 000 ft tall .'
 
 
+def test_wikitext_with_windows_line_ends_gives_the_same_articles(tmp_path):
+    unix, windows = tmp_path / 'unix.tokens', tmp_path / 'windows.tokens'
+    unix.write_bytes(WIKITEXT.encode('utf-8'))
+    windows.write_bytes(WIKITEXT.replace('\n', '\r\n').encode('utf-8'))
+    with pytest.warns(UserWarning, match='skipped 1 empty'):
+        expected = corpora.read_wikitext(unix)
+    with pytest.warns(UserWarning, match='skipped 1 empty'):
+        assert corpora.read_wikitext(windows) == expected   # 2 articles, no '\r' left
+
+
 def test_wikitext_blank_preamble_is_no_document(tmp_path):
     path = tmp_path / 'w.tokens'
     path.write_bytes(b' \n \n = A = \n text \xff a \n')

@@ -13,17 +13,18 @@
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import pickle
 import pickletools
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from flax_ulmfit.atomic import atomic_write
 from flax_ulmfit.interop._checks import as_numpy
 
 # The pickle opcodes of a list of strings (protocols 0-5, memoised or not).
@@ -157,22 +158,12 @@ def read_itos(path: str | os.PathLike) -> list[str]:
 
 
 def _write_atomically(files: Mapping[Path, bytes]) -> None:
-  """Writes every file to a temporary beside it, then renames them all into place."""
-  temporaries = {}
-  try:
+  """Writes every file to a temporary beside it, then renames them all into place
+  (`atomic_write`s nested: no rename happens before every file is written)."""
+  with contextlib.ExitStack() as stack:
+    handles = {path: stack.enter_context(atomic_write(path)) for path in files}
     for path, data in files.items():
-      path.parent.mkdir(parents=True, exist_ok=True)
-      fd, temporaries[path] = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-      with os.fdopen(fd, 'wb') as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    for path, tmp in temporaries.items():
-      os.replace(tmp, path)
-  except BaseException:
-    for tmp in temporaries.values():
-      Path(tmp).unlink(missing_ok=True)
-    raise
+      handles[path].write(data)
 
 
 def _state_dict_bytes(state_dict: Mapping[str, np.ndarray], where: str) -> bytes:
