@@ -1,6 +1,6 @@
 """Checkpoints: any pytree of arrays as a NumPy .npz (one entry per key path) plus JSON metadata.
 
-Written atomically (a temporary file in the same folder, then renamed), read without
+Written atomically (`atomic.atomic_write`: a temporary file, then a rename), read without
 unpickling, and validated against a template pytree: every missing, unexpected or
 mis-shaped entry is named.
 """
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from flax_ulmfit.atomic import atomic_write
 
 _META = '__metadata__'
 
@@ -43,17 +44,8 @@ def save(path: str | os.PathLike, tree: Any, metadata: dict | None = None) -> No
       value = value.view(f'uint{value.dtype.itemsize * 8}')
     arrays[key] = value
   meta = json.dumps({'user': metadata or {}, 'kinds': kinds})
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      np.savez(f, **arrays, **{_META: np.array(meta)})
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
+  with atomic_write(path) as f:
+    np.savez(f, **arrays, **{_META: np.array(meta)})
 
 
 def load(path: str | os.PathLike, like: Any, allow_nonfinite: bool = False) -> tuple[Any, dict]:

@@ -84,6 +84,71 @@ def test_masks_drawn_from_a_key_equal_sample_masks_and_their_gradients():
   assert dropped.any() and np.all(weight_grad[dropped] == 0) and np.abs(weight_grad).max() > 0
 
 
+# Sizes where every mask has >= 2,048 entries: a drop rate's standard deviation is <= 0.011.
+STATS_CONFIG = dict(awd_lstm_lm_config, emb_sz=32, n_hid=32, n_layers=3, output_p=0.3, hidden_p=0.25,
+                    input_p=0.35, embed_p=0.2, weight_p=0.4)
+STATS_VOCAB, STATS_BATCH = 4096, 64
+
+
+def _check_mask(mask, shape, p, site):
+  """Shape, values in {0, 1/(1-p)} and a drop rate within 4 standard deviations of p."""
+  mask = np.asarray(mask)
+  assert mask.shape == shape, site
+  assert set(np.unique(mask)) <= {0.0, np.float32(1 / (1 - p))}, site
+  assert abs((mask == 0).mean() - p) <= 4 * np.sqrt(p * (1 - p) / mask.size), site
+
+
+def _check_independent(a, p_a, b, p_b, what):
+  """Independent masks keep an entry together at the rate (1 - p_a)(1 - p_b), within 4 standard deviations."""
+  both_kept = ((np.asarray(a) != 0) & (np.asarray(b) != 0)).mean()
+  rate = (1 - p_a) * (1 - p_b)
+  assert abs(both_kept - rate) <= 4 * np.sqrt(rate * (1 - rate) / np.asarray(a).size), what
+
+
+def _masks_by_site(lm, draw):
+  """{site: (mask, p)} with each mask from `draw(masks_of_one_forward_pass)`."""
+  masks, enc = draw(), lm.encoder
+  out = {'embed': (masks['embed'], enc.encoder_dp.p), 'input': (masks['input'], enc.input_dp.p),
+         'output': (masks['output'], lm.decoder.output_dp.p)}
+  out |= {f'weight{l}': (m, enc.weight_dps[l].p) for l, m in enumerate(masks['weight'])}
+  out |= {f'hidden{l}': (m, enc.hidden_dps[l].p) for l, m in enumerate(masks['hidden'])}
+  return out
+
+
+def _drawn_by_the_sites(lm):
+  """One forward pass's masks as each dropout site draws them when none is given: each site
+  applied to ones returns its mask (RNNDropout's time-major output turned back to (B, 1, F))."""
+  enc, ones = lm.encoder, lambda *shape: jnp.ones(shape)
+  rnn_mask = lambda dp, f: jnp.swapaxes(dp(ones(1, STATS_BATCH, f)), 0, 1)  # noqa: E731
+  return dict(embed=enc.encoder_dp(ones(STATS_VOCAB, 1)), input=rnn_mask(enc.input_dp, 32),
+              output=rnn_mask(lm.decoder.output_dp, 32),
+              weight=[dp(jnp.ones_like(rnn.weight_hh[...])) for dp, rnn in zip(enc.weight_dps, enc.rnns)],
+              hidden=[rnn_mask(dp, 32) for dp in enc.hidden_dps])
+
+
+@pytest.mark.parametrize('path', ['sample_masks', 'sites'])
+def test_masks_the_model_draws_have_fastais_statistics_and_are_independent(path):
+  """Through the model's own drawing paths (`sample_masks`, which the train step uses, and each
+  site drawing on demand): every site's mask has its shape, the values {0, 1/(1-p)} (fastai's
+  `dropout_mask`) and a drop rate near p; masks of different layers, of different sites with
+  the same shape, and of consecutive steps are independent draws."""
+  lm = LanguageModel(STATS_VOCAB, STATS_CONFIG, rngs=nnx.Rngs(0, dropout=1))
+  if path == 'sample_masks':
+    steps = [_masks_by_site(lm, lambda k=k: lm.sample_masks(jax.random.key(k), STATS_BATCH)) for k in (0, 1)]
+  else:
+    steps = [_masks_by_site(lm, lambda: _drawn_by_the_sites(lm)) for _ in range(2)]
+  shapes = dict(embed=(STATS_VOCAB, 1), input=(STATS_BATCH, 1, 32), output=(STATS_BATCH, 1, 32),
+                weight0=(128, 32), weight1=(128, 32), weight2=(128, 32), hidden0=(STATS_BATCH, 1, 32),
+                hidden1=(STATS_BATCH, 1, 32))
+  assert set(steps[0]) == set(shapes)
+  for site, (mask, p) in steps[0].items():
+    _check_mask(mask, shapes[site], p, site)
+    _check_independent(mask, p, steps[1][site][0], p, f'{site}: step 1 vs step 2')
+  for a, b in [('weight0', 'weight1'), ('weight1', 'weight2'), ('weight0', 'weight2'),
+               ('hidden0', 'hidden1'), ('input', 'output')]:
+    _check_independent(*steps[0][a], *steps[0][b], f'{a} vs {b}')
+
+
 def test_train_mode_draws_fresh_masks_and_eval_is_deterministic():
   lm = small_lm()
   ids = jnp.arange(12, dtype=jnp.int32).reshape(2, 6) % 20

@@ -11,7 +11,7 @@ from flax import nnx
 from flax_ulmfit.interop import flax_to_torch, load_encoder, torch_to_flax
 from flax_ulmfit.models import AWDLSTM, LanguageModel, TextClassifier, awd_lstm_clas_config
 from flax_ulmfit.text.data import ClasLoader, pad_chunk
-from flax_ulmfit.train.clas import check_labels, clas_loss
+from flax_ulmfit.train.clas import clas_batch_check, clas_loss
 
 VOCAB, N_CLASS, SEQ_LEN = 23, 4, 4
 SMALL = dict(emb_sz=6, n_hid=8, n_layers=2)
@@ -202,12 +202,12 @@ def test_clas_loss_metrics_and_ar_tar_in_training_only():
   cross_entropy = -float(jnp.mean(log_p[jnp.arange(3), labels]))
   ar = 2 * float(jnp.mean(outputs ** 2))
   tar = float(jnp.mean((outputs[:, 1:] - outputs[:, :-1]) ** 2))
-  assert float(metrics['cross_entropy']) == pytest.approx(cross_entropy, abs=1e-6)
+  assert float(metrics['loss']) == pytest.approx(cross_entropy, abs=1e-6)  # what fastai records
   assert float(loss) == pytest.approx(cross_entropy + ar + tar, abs=1e-6)
   assert float(metrics['accuracy']) == pytest.approx(float(jnp.mean(jnp.argmax(logits, -1) == labels)))
   clf.eval()
   loss, (_, metrics) = clas_loss(clf, (tokens, labels), None)
-  assert float(loss) == float(metrics['cross_entropy'])  # evaluation: no AR/TAR
+  assert float(loss) == float(metrics['loss'])  # evaluation: no AR/TAR
 
 
 def test_labels_outside_n_class_raise_or_poison_the_jitted_loss():
@@ -215,15 +215,28 @@ def test_labels_outside_n_class_raise_or_poison_the_jitted_loss():
   clf.eval()
   tokens = padded((12, 7, 3), 12)
   for bad in ([0, 4, 1], [0, -1, 1]):
-    with pytest.raises(ValueError, match=r'labels must be in \[0, 4\)'):
+    with pytest.raises(ValueError, match=r'labels must lie in \[0, 4\)'):
       clas_loss(clf, (tokens, jnp.array(bad)), None)
   jitted = nnx.jit(lambda model, batch: clas_loss(model, batch, None)[0])
   assert np.isnan(float(jitted(clf, (tokens, jnp.array([0, -1, 1])))))
   assert np.isfinite(float(jitted(clf, (tokens, jnp.array([0, 3, 1])))))
   with pytest.raises(ValueError, match=r'labels of shape \(2,\)'):
     clas_loss(clf, (tokens, jnp.array([0, 1])), None)
-  with pytest.raises(ValueError, match='integer class ids'):
-    check_labels(np.array([0.0, 1.0]), 2)
+
+
+def test_host_batch_check_names_bad_labels_and_bad_padding():
+  """`clas_batch_check(clf)` for make_train_step/make_eval_step: inside jit neither a label
+  outside n_class nor a text off its chunk boundary could raise."""
+  check = clas_batch_check(small())
+  tokens = np.asarray(padded((12, 7, 3), 12))
+  check((tokens, np.array([0, 3, 1])))
+  with pytest.raises(ValueError, match=r'clas batch: labels must lie in \[0, 4\), got 7'):
+    check((tokens, np.array([0, 7, 1])))
+  with pytest.raises(TypeError, match='integer ids'):
+    check((tokens, np.array([0.0, 1.0, 1.0])))
+  shifted = np.roll(tokens, 1, axis=1)
+  with pytest.raises(ValueError, match='row 1 starts its text at column 5'):
+    check((shifted, np.array([0, 3, 1])))
 
 
 def test_weights_of_another_vocabulary_or_config_raise_before_writing():

@@ -1,5 +1,6 @@
 """Readers on small files of each real format, the embedded corpora, and bad input."""
 import importlib.util
+import re
 
 import pytest
 
@@ -21,6 +22,16 @@ def test_wikitext_splits_articles_at_titles_only(tmp_path):
     assert arts[0].startswith('= Valkyria Chronicles =') and '= = Gameplay = =' in arts[0]
     assert 'xxunk 3' in arts[0] and '<unk>' not in arts[0]
     assert arts[1] == '= Tower Building = \n \n The building is 1 @,@ 000 ft tall .'
+
+
+def test_wikitext_with_windows_line_ends_gives_the_same_articles(tmp_path):
+    unix, windows = tmp_path / 'unix.tokens', tmp_path / 'windows.tokens'
+    unix.write_bytes(WIKITEXT.encode('utf-8'))
+    windows.write_bytes(WIKITEXT.replace('\n', '\r\n').encode('utf-8'))
+    with pytest.warns(UserWarning, match='skipped 1 empty'):
+        expected = corpora.read_wikitext(unix)
+    with pytest.warns(UserWarning, match='skipped 1 empty'):
+        assert corpora.read_wikitext(windows) == expected   # 2 articles, no '\r' left
 
 
 def test_wikitext_blank_preamble_is_no_document(tmp_path):
@@ -103,13 +114,23 @@ def test_strip_markup():
                                   'See the site.\nHistory\n\nitem one')
 
 
+MARKUP = {'template': re.compile(r'\{\{[^{}]*\}\}'), 'link': re.compile(r'\[\[[^\[\]]*\]\]'),
+          'table': re.compile(r'\{\|[^{}]*?\|\}'), 'comment': re.compile(r'<!--'),
+          'tag': re.compile(r'</?(?:ref|div|span|small|big|br|sup|sub|center|blockquote|gallery|math|nowiki)\b[^>]*>', re.I),
+          'bold/italic': re.compile(r"''"), 'heading': re.compile(r'^=+.*=+[ \t]*$', re.M)}
+
+
 def test_embedded_corpora():
     arts = corpora.wikipedia_sample()
     assert len(arts) == 106   # the 106 articles of gensim's sample (100 more pages redirect)
     assert arts[0].startswith('Anarchism\n\nAnarchism is a political philosophy')
     assert sum(len(a.split()) for a in arts) > 400_000
-    # leftovers only where captions hold literal brackets or templates are malformed (4 here)
-    assert sum('{{' in a or '[[' in a or '<ref' in a for a in arts) <= 5
+    # No complete piece of markup survives anywhere (an innermost template, link, table, ref or
+    # other tag, comment, bold/italic quotes, heading). Stray `{{` or `[[` may remain only where
+    # the source itself holds literal brackets inside a caption or template (none is complete).
+    for name, pattern in MARKUP.items():
+        found = [(a.split('\n', 1)[0], m.group(0)) for a in arts for m in pattern.finditer(a)]
+        assert not found, f'{name} left in {found[:3]}'
     with pytest.warns(UserWarning, match='199.txt: 1 undecodable'):   # one file holds a bad byte
         texts, labels = corpora.bbc_news()
     assert len(texts) == 2225

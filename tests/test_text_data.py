@@ -78,6 +78,22 @@ def test_lm_errors_are_clear():
         LMLoader([np.arange(5), np.ones(5)], bs=1, bptt=2)
     with pytest.raises(ValueError, match='got no documents'):
         LMLoader([], bs=1, bptt=2)
+    for bad in (dict(bs=0), dict(bptt=0), dict(bs=-2)):
+        with pytest.raises(ValueError, match=r'must be a positive integer'):
+            LMLoader(_docs([100]), **dict(dict(bs=2, bptt=5), **bad))
+
+
+def test_lm_batches_resume_at_a_position_without_the_earlier_ones():
+    dl = LMLoader(_docs([40, 70, 55]), bs=3, bptt=7, seed=3)
+    full = list(dl.batches(2))
+    tail = list(dl.batches(2, start=3))
+    assert len(tail) == len(full) - 3
+    for (x, y), (xf, yf) in zip(tail, full[3:]):
+        np.testing.assert_array_equal(x, xf)
+        np.testing.assert_array_equal(y, yf)
+    assert list(dl.batches(2, start=len(dl))) == []
+    with pytest.raises(ValueError, match='start must be in'):
+        next(dl.batches(0, start=len(dl) + 1))
 
 
 def test_pad_chunk_matches_fastai_layout():
@@ -132,6 +148,15 @@ def test_clas_loader_errors_are_clear():
         ClasLoader([np.arange(3), np.arange(0)], labels=[0, 1])
     with pytest.raises(ValueError, match='bucket_lens must be multiples of bptt=72'):
         ClasLoader(_docs([100]), labels=[0], bucket_lens=[72])
+    with pytest.raises(ValueError, match='bs=0 must be a positive integer'):
+        ClasLoader(_docs([3, 4]), labels=[0, 1], bs=0)
+
+
+def test_clas_batches_resume_at_a_position():
+    docs = _docs(list(range(5, 105, 3)))
+    cl = ClasLoader(docs, labels=[i % 2 for i in range(len(docs))], bs=4, seed=1)
+    full, tail = list(cl.batches(1)), list(cl.batches(1, start=2))
+    assert [y.tolist() for _, y in tail] == [y.tolist() for _, y in full[2:]]
 
 
 def test_category_map_sorted_saved_and_strict(tmp_path):
@@ -146,3 +171,16 @@ def test_category_map_sorted_saved_and_strict(tmp_path):
     (tmp_path / 'vocab.json').write_text('{"format": "flax_ulmfit.vocab/1"}')
     with pytest.raises(ValueError, match='not a flax_ulmfit.labels/1 file'):
         CategoryMap.load(tmp_path / 'vocab.json')
+
+
+
+def test_category_map_refuses_ids_out_of_range_and_one_string():
+    cats = CategoryMap(['neg', 'pos'])
+    assert cats.decode([1, 0]) == ['pos', 'neg']
+    for bad in ([-1], [2], [0.5]):
+        with pytest.raises(ValueError, match=r"ids must be integers in \[0, 2\)"):
+            cats.decode(bad)
+    with pytest.raises(TypeError, match='got one str'):
+        CategoryMap.from_labels('pos')
+    with pytest.raises(TypeError, match='got one str'):
+        cats.encode('pos')

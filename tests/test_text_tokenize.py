@@ -2,8 +2,10 @@
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -128,6 +130,22 @@ def test_non_string_text_is_rejected_with_its_index():
         Tokenizer(n_workers=1, progress=False)(['fine', b'raw bytes'])
 
 
+def test_one_string_instead_of_a_list_is_rejected():
+    tok = Tokenizer(n_workers=1, progress=False)
+    with pytest.raises(TypeError, match=r'got one str .*wrap it in a list'):
+        tok('one document, not a list')
+    with pytest.raises(TypeError, match='got one str'):
+        next(tok.stream('one document'))
+
+
+def test_lone_surrogates_become_replacement_characters_with_a_warning(tmp_path):
+    tok = Tokenizer(n_workers=1, progress=False, cache_dir=tmp_path)   # the cache is UTF-8 JSON
+    broken = b'caf\xe9 ok'.decode('utf-8', errors='surrogateescape')   # 'caf\udce9 ok'
+    with pytest.warns(UserWarning, match=r'1 lone surrogate .* first in text #1'):
+        tokens = tok(['fine', broken])
+    assert tokens[1] == Tokenizer(n_workers=1, progress=False)(['caf\ufffd ok'])[0]
+
+
 def test_bad_settings_are_rejected():
     with pytest.raises(ValueError, match='n_workers=0'):
         Tokenizer(n_workers=0)
@@ -138,3 +156,73 @@ def test_workers_avoid_fork_once_jax_is_loaded(monkeypatch):
     assert tokenize._pool_context('en', None).get_start_method() == 'forkserver'
     monkeypatch.delitem(sys.modules, 'jax')
     assert tokenize._pool_context('en', None).get_start_method() == 'fork'
+
+
+STOPPED_PARENT = '''
+import sys, time
+import jax   # as in a training script: workers start from a forkserver
+from flax_ulmfit.text import Tokenizer
+if __name__ == '__main__':
+    stream = Tokenizer(n_workers=2, chunk_chars=2000, progress=False).stream(['Some text.'] * 2000)
+    next(stream)
+    try:
+        print('TOKENIZING', flush=True)
+        time.sleep(120)
+    except KeyboardInterrupt:
+        print('STOPPED', flush=True)
+'''
+
+
+def _state(pid: int) -> str | None:
+    """The /proc state letter of `pid` ('Z' for an exited, unreaped process), None if gone."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rsplit(')', 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _descendants(pid: int) -> list[int]:
+    """Live descendants of `pid` (read from /proc)."""
+    children = {}
+    for entry in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            with open(f'/proc/{entry}/stat') as f:
+                children.setdefault(int(f.read().rsplit(')', 1)[1].split()[1]), []).append(int(entry))
+        except (OSError, IndexError):
+            continue
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return [p for p in found if _state(p) not in (None, 'Z')]
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='reads /proc')
+@pytest.mark.parametrize('stop', ['kill -9 the parent', 'Ctrl-C to the process group'])
+def test_workers_end_with_their_parent_and_leave_ctrl_c_to_it(stop):
+    """SIGKILL gives the parent no chance to stop its pool: the workers must notice (and
+    with them gone, the forkserver and resource tracker end too). Ctrl-C in a terminal hits
+    every process of the group: only the parent may react, with no worker tracebacks."""
+    parent = subprocess.Popen([sys.executable, '-c', STOPPED_PARENT], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True,
+                              env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    assert parent.stdout.readline().strip() == 'TOKENIZING'
+    helpers = _descendants(parent.pid)   # forkserver, 2 workers, resource tracker
+    assert len(helpers) >= 3
+    if stop == 'kill -9 the parent':
+        parent.kill()
+    else:
+        os.killpg(parent.pid, signal.SIGINT)
+    out, err = parent.communicate(timeout=60)
+    deadline = time.monotonic() + 10
+    alive = helpers
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [p for p in helpers if _state(p) not in (None, 'Z')]
+    for p in alive:
+        os.kill(p, signal.SIGKILL)
+    assert alive == []
+    if stop != 'kill -9 the parent':
+        assert out.strip() == 'STOPPED' and 'Traceback' not in err, err

@@ -20,6 +20,18 @@ def test_order_min_freq_and_padding_to_multiple_of_8():
     assert len(v) == 16
 
 
+def test_untokenized_text_is_rejected():
+    with pytest.raises(TypeError, match=r'document #1 must be token lists .* got a str'):
+        Vocab.from_tokens([['xxbos', 'a'], 'xxbos a b'], tokenizer=NAME)
+    with pytest.raises(TypeError, match='docs .* got a str'):
+        Vocab.from_tokens('xxbos a b', tokenizer=NAME)
+    v = Vocab.from_tokens([['a'] * 3], tokenizer=NAME)
+    with pytest.raises(TypeError, match='Vocab.numericalize: tokens must be token lists'):
+        v.numericalize('a a a')
+    with pytest.raises(ValueError, match='max_vocab >= 9'):
+        Vocab.from_tokens([['a']], max_vocab=4, tokenizer=NAME)
+
+
 def test_already_a_multiple_of_8_still_gets_8_fakes_like_fastai():
     v = Vocab.from_tokens([['w'] * 3 + ['x'] * 3 + ['y'] * 3 + ['z'] * 3 + ['q'] * 3 + ['r'] * 3
                            + ['s'] * 3], min_freq=3, tokenizer=NAME)

@@ -2,6 +2,7 @@
 import csv
 import json
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ from flax import nnx
 from flax_ulmfit import checkpoint
 from flax_ulmfit.train import losses, optim, schedules
 from flax_ulmfit.train.loop import EarlyStopping, SaveBest, fit, save_plots
+from flax_ulmfit.train import lr_find as lr_find_module
 from flax_ulmfit.train.lr_find import lr_find, valley
 from flax_ulmfit.train.step import init_train_state, make_eval_step, make_train_step, update_model
 
@@ -95,22 +97,36 @@ def test_fit_rejects_empty_data():
     fit(step, state, [], 1, rng=jax.random.key(0), progress=False)
 
 
-def test_valley_picks_inside_the_longest_descent():
-  lrs = list(np.logspace(-5, 0, 11))
-  curve = [5, 4.9, 4.5, 4.0, 3.2, 2.5, 2.0, 1.8, 1.7, 3.0, 9.0]  # falls from index 0 to 8
-  assert valley(lrs, curve) == lrs[0 + 2 + 1]  # 8 // 3 = 2 sections in, plus half a section
+NUM_IT = 60
+GOLDEN_VALLEY = Path(__file__).parents[1] / 'parity_tests' / 'golden' / 'fastai_valley.npz'
 
 
-def test_lr_find_sweeps_stops_on_divergence_and_keeps_model(tmp_path):
+def mlp_lr_find(model, plot_path=None):
+  """The sweep whose curve parity_tests/golden/lr_find_curve.json records (fastai's suggestion beside it)."""
+  labels = optim.label_params(nnx.state(model, nnx.Param), [('', 'all')])
+  noisy = blobs(128, 0, noise=3.0)  # overlapping classes: at a huge lr the loss must blow up
+  return lr_find(model, loss_fn, lambda lr: optim.fastai_optimizer(labels, {'all': lr}), noisy,
+                 rng=jax.random.key(0), start_lr=1e-5, end_lr=1e3, num_it=NUM_IT, plot_path=plot_path)
+
+
+def test_lr_find_sweeps_stops_on_divergence_suggests_fastais_valley_and_keeps_model(tmp_path, monkeypatch):
+  """The recorded curve is the one fastai's `valley` was run on (golden), and the suggestion
+  is fastai's: the same index into the curve, which `valley` sees trimmed as fastai's
+  `Learner.lr_find` trims it (`[num_it // 10:-5]`)."""
+  golden = np.load(GOLDEN_VALLEY)
   model = Mlp(rngs=nnx.Rngs(0))
   before = np.asarray(model.l1.kernel[...]).copy()
-  params = nnx.state(model, nnx.Param)
-  labels = optim.label_params(params, [('', 'all')])
-  noisy = blobs(128, 0, noise=3.0)  # overlapping classes: at a huge lr the loss must blow up
-  result = lr_find(model, loss_fn, lambda lr: optim.fastai_optimizer(labels, {'all': lr}), noisy,
-                   rng=jax.random.key(0), start_lr=1e-5, end_lr=1e3, num_it=60, plot_path=tmp_path / 'lr.png')
-  assert len(result.lrs) < 60  # lr 1e3 diverges: the sweep stopped early
-  assert result.lrs[0] == pytest.approx(1e-5) and 1e-5 < result.suggestion < 1e3
+  seen = []
+  monkeypatch.setattr(lr_find_module, 'valley', lambda lrs, losses: seen.append((lrs, losses)) or valley(lrs, losses))
+  result = mlp_lr_find(model, tmp_path / 'lr.png')
+  assert seen == [(result.lrs[NUM_IT // 10:-5], result.losses[NUM_IT // 10:-5])]
+  assert len(result.lrs) < NUM_IT  # lr 1e3 diverges: the sweep stopped early
+  np.testing.assert_allclose(result.lrs, golden['lr_find_lrs'], rtol=1e-12)
+  # 47 jitted float32 steps: the smoothed losses agree to rounding here; rtol 1e-5 leaves room
+  # for another CPU's kernels (fastai's suggestion on this curve holds under 1e-5 noise).
+  np.testing.assert_allclose(result.losses, golden['lr_find_losses'], rtol=1e-5)
+  assert result.suggestion == result.lrs[int(golden['lr_find_index'])]
+  assert result.suggestion == pytest.approx(float(golden['lr_find_suggestion']), rel=1e-7)  # fastai's is float32
   assert (tmp_path / 'lr.png').exists()
   np.testing.assert_array_equal(np.asarray(model.l1.kernel[...]), before)
 

@@ -8,8 +8,9 @@ import torch
 from flax import nnx
 
 import torch_ref.xresnet as ref
-from flax_ulmfit.interop.xresnet import xresnet_to_flax, xresnet_to_torch
+from flax_ulmfit.interop.xresnet import xresnet_to_flax, xresnet_to_torch, xresnet_torch_shapes
 from flax_ulmfit.models import xresnet
+from flax_ulmfit.models.batchnorm import BatchNorm
 from flax_ulmfit.models.conv import avg_pool_ceil, conv2d, max_pool
 from flax_ulmfit.models.transfer import create_cnn_model, freeze_body_labels, load_pretrained_body
 
@@ -22,10 +23,6 @@ def _rngs(seed):
 def _tiny(expansion=1, **kwargs):
   """A narrow 4-stage XResNet (one block per stage): every kind of layer, fast to build and run."""
   return xresnet.XResNet(expansion, [1, 1, 1, 1], stem_szs=(8, 8, 64), widen=0.25, conv_impl='xla', **kwargs)
-
-
-def _n_params(model):
-  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
 @pytest.fixture(scope='module')
@@ -49,12 +46,13 @@ def test_xresnet18_state_dict_names_match_fastai(r18):
 
 @pytest.mark.parametrize('name', ['xresnet34', 'xresnet101', 'xresnet152'])
 def test_presets_match_torch_twin(name):
-  """Parameter and state_dict counts of the deeper presets equal the torch twin's (built on 'meta')."""
+  """The deeper presets' state_dicts: fastai's keys in fastai's order, each with the torch twin's
+  shape (twin built on 'meta', ours with `nnx.eval_shape`: no weights allocated)."""
   with torch.device('meta'):
     t = getattr(ref, name)()
   abstract = nnx.eval_shape(lambda: getattr(xresnet, name)(rngs=nnx.Rngs(0)))
-  assert _n_params(abstract) == sum(p.numel() for p in t.parameters())
-  assert len(jax.tree.leaves(nnx.state(abstract, (nnx.Param, nnx.BatchStat)))) == len(t.state_dict())
+  assert xresnet_torch_shapes(abstract) == {k: tuple(v.shape) for k, v in t.state_dict().items()}
+  assert list(xresnet_torch_shapes(abstract)) == list(t.state_dict())
 
 
 def test_init_follows_fastai(r18):
@@ -177,6 +175,15 @@ def test_bf16_compute_keeps_params_stats_and_logits_fp32():
   out32, out16 = f32(x), b16(x)
   assert out16.dtype == jnp.float32
   assert all(v.dtype in (jnp.float32, jnp.int32) for v in jax.tree.leaves(nnx.state(b16, (nnx.Param, nnx.BatchStat))))
-  # bf16 keeps 8 mantissa bits (relative rounding 4e-3) through 8 layers.
-  np.testing.assert_allclose(out16, out32, atol=0.1 * float(jnp.abs(out32).max()))
-  np.testing.assert_allclose(b16.body.stem[0].bn.mean[...], f32.body.stem[0].bn.mean[...], atol=0.05)
+  # bf16 keeps 8 mantissa bits (relative rounding 2**-9) through 8 layers: measured 1.1% of the
+  # largest logit; bound 2%.
+  np.testing.assert_allclose(out16, out32, rtol=0, atol=0.02 * float(jnp.abs(out32).max()))
+  # One training forward moved every BatchNorm's running statistics away from (0, 1) by ~0.01-0.1;
+  # bf16 convolutions feed them: measured within 0.4% of each leaf's largest entry, bound 1%.
+  bns32, bns16 = ([m for _, m in nnx.iter_modules(model) if isinstance(m, BatchNorm)] for model in (f32, b16))
+  assert len(bns32) == len(bns16) == 8
+  for bn32, bn16 in zip(bns32, bns16):
+    for name, start in (('mean', 0.0), ('var', 1.0)):
+      s32, s16 = np.asarray(getattr(bn32, name)[...]), np.asarray(getattr(bn16, name)[...])
+      assert np.abs(s32 - start).max() > 1e-3 and s16.dtype == np.float32
+      np.testing.assert_allclose(s16, s32, rtol=0, atol=0.01 * np.abs(s32).max())

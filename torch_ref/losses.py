@@ -47,7 +47,8 @@ def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def ar_tar(raw: torch.Tensor, dropped: torch.Tensor, alpha: float = 2.0, beta: float = 1.0) -> torch.Tensor:
-  """fastai's RNNRegularizer: alpha * mean(dropped**2) + beta * mean((raw[:,1:] - raw[:,:-1])**2)."""
+  """fastai's RNNRegularizer: alpha * mean(dropped**2) + beta * mean((raw[:,1:] - raw[:,:-1])**2);
+  TAR only for more than one row (fastai's `len(h) > 1`) and, unlike fastai (NaN), more than one step."""
   ar = dropped.float().pow(2).mean()
-  tar = (raw[:, 1:] - raw[:, :-1]).float().pow(2).mean() if raw.shape[1] > 1 else 0.0
+  tar = (raw[:, 1:] - raw[:, :-1]).float().pow(2).mean() if len(raw) > 1 and raw.shape[1] > 1 else 0.0
   return alpha * ar + beta * tar

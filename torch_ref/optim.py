@@ -38,10 +38,17 @@ class Adam:
       hyper[name] = value
 
   def freeze_to(self, n: int) -> None:
-    """fastai's `freeze_to`: groups before `n` frozen (BN kept trainable), the rest trainable."""
+    """fastai's `Optimizer.freeze_to`: groups before `n` (negative: counted from the end)
+    frozen, BN kept trainable, the rest trainable; the optimizer state is left alone."""
+    n = n if n >= 0 else len(self.groups) + n
     for i, group in enumerate(self.groups):
       for p in group:
         p.requires_grad_(i >= n or id(p) in self.train_bn)
+
+  def clear_state(self) -> None:
+    """fastai's `clear_state`: forgets every step count and running average. fastai's
+    `Learner.freeze_to`/`freeze`/`unfreeze` call it after `Optimizer.freeze_to`."""
+    self.state.clear()
 
   def params(self):
     """Trainable parameters, all groups."""

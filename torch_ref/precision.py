@@ -1,9 +1,9 @@
 """Reference dynamic loss scalers in PyTorch: torch's GradScaler and fastai course-v3's MixedPrecision."""
 from __future__ import annotations
 
-import math
-
 import torch
+
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 class DynamicLossScaler:
@@ -11,8 +11,9 @@ class DynamicLossScaler:
 
   `step(params, optimizer_step)` unscales the `.grad`s in place, skips `optimizer_step` and
   backs off when any is inf/NaN, else calls it and grows the scale after `growth_interval`
-  clean steps. `reset_on_overflow` is torch GradScaler's behaviour (fastai course-v3 keeps
-  its count). Returns whether the step ran.
+  clean steps (never past float32's maximum; the count restarts either way).
+  `reset_on_overflow` is torch GradScaler's behaviour (fastai course-v3 keeps its count).
+  Returns whether the step ran.
   """
 
   def __init__(self, init_scale=2.0 ** 16, growth_factor=2.0, backoff_factor=0.5, growth_interval=2000,
@@ -33,9 +34,10 @@ class DynamicLossScaler:
       g.div_(self.scale)
     optimizer_step()
     self.good_steps += 1
-    if self.good_steps == self.growth_interval and math.isfinite(self.scale * self.growth_factor):
+    if self.good_steps == self.growth_interval:
       self.good_steps = 0
-      self.scale *= self.growth_factor
+      if self.scale * self.growth_factor <= FLOAT32_MAX:  # torch keeps its scale in float32
+        self.scale *= self.growth_factor
     return True
 
 

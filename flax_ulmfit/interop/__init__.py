@@ -5,6 +5,7 @@ torch tensors or numpy arrays with fastai's key names; `flax_to_torch(model)` re
 state_dict as numpy arrays (`{k: torch.from_numpy(v)}` loads it into torch). Supported:
 `LanguageModel`, `AWDLSTM`, `TextClassifier`, `XResNet` (and its presets) and `CNNModel`
 (body + new head). `load_encoder(state_dict, classifier)` is fastai's `load_encoder`.
+`interop.fastai_files` reads and writes fastai's `.pth` weight files and `itos` vocabularies.
 """
 from __future__ import annotations
 

@@ -83,6 +83,11 @@ def xresnet_to_torch(model: XResNet | CNNModel) -> dict[str, np.ndarray]:
   return {key: np.array(_to_torch(np.asarray(var[...]), layout), order='C') for key, var, layout in _entries(model)}
 
 
+def xresnet_torch_shapes(model: XResNet | CNNModel) -> dict[str, tuple[int, ...]]:
+  """The fastai state_dict's keys and shapes for `model`, in order; works on `nnx.eval_shape` models."""
+  return {key: _to_torch(np.empty(var.shape, np.float32), layout).shape for key, var, layout in _entries(model)}
+
+
 def xresnet_to_flax(state_dict: Mapping, model: XResNet | CNNModel) -> XResNet | CNNModel:
   """Loads a fastai/torch XResNet (or create_cnn_model) `state_dict` into `model` in place; returns it.
 
@@ -90,10 +95,8 @@ def xresnet_to_flax(state_dict: Mapping, model: XResNet | CNNModel) -> XResNet |
     KeyError: missing or unexpected keys (build `model` with the same preset, c_in and n_out).
     ValueError: a tensor of the wrong shape, or non-finite values.
   """
-  entries = _entries(model)
-  expected = {key: _to_torch(np.empty(var[...].shape, np.float32), layout).shape for key, var, layout in entries}
-  arrays = check_keys(state_dict, expected, 'xresnet_to_flax')
-  for key, var, layout in entries:
+  arrays = check_keys(state_dict, xresnet_torch_shapes(model), 'xresnet_to_flax')
+  for key, var, layout in _entries(model):
     array = arrays[key]
     if array.dtype.kind == 'f' and not np.isfinite(array).all():
       raise ValueError(f'xresnet_to_flax: state_dict[{key!r}] contains NaN or inf; the checkpoint is corrupt')

@@ -43,13 +43,16 @@ def package_dir(package: str) -> Path:
 def iter_wikitext(path: str | os.PathLike) -> Iterator[str]:
     """Articles of a WikiText-103/-2 token file (e.g. `wiki.train.tokens`), one string each
     starting with its ` = Title = ` line, `<unk>` written as `xxunk`; streams the file.
-    Articles with a title and no text are skipped (and counted)."""
+    Windows (CRLF) line ends read as plain ones. Articles with a title and no text are
+    skipped (and counted)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'iter_wikitext: no WikiText token file at {path}')
     lines, titled, n_bad, n_empty = [], False, 0, 0
     with open(path, 'rb') as f:
         for raw in itertools.chain(f, [b' = END = ']):   # a last title flushes the last article
+            if raw.endswith(b'\r\n'):   # Windows line ends: titles must still match
+                raw = raw[:-2] + b'\n'
             try:
                 line = raw.decode('utf-8')
             except UnicodeDecodeError:

@@ -6,6 +6,19 @@ from typing import Iterator, Sequence
 import numpy as np
 
 
+def _check_sizes(where: str, **sizes: int):
+    bad = {k: v for k, v in sizes.items() if not isinstance(v, (int, np.integer)) or v < 1}
+    if bad:
+        raise ValueError(f'{where}: ' + ', '.join(f'{k}={v!r}' for k, v in bad.items())
+                         + ' must be a positive integer')
+
+
+def _check_start(where: str, start: int, n_batches: int):
+    if not 0 <= start <= n_batches:
+        raise ValueError(f'{where}.batches: start must be in [0, {n_batches}] (batches per '
+                         f'epoch), got {start=}')
+
+
 def _check_docs(where: str, docs: Sequence[np.ndarray]) -> list[np.ndarray]:
     if len(docs) == 0:
         raise ValueError(f'{where}: got no documents')
@@ -40,10 +53,11 @@ class LMLoader:
 
     def __init__(self, docs: Sequence[np.ndarray], bs: int = 64, bptt: int = 72,
                  shuffle: bool = True, seed: int = 0, drop_last: bool = True):
+        _check_sizes('LMLoader', bs=bs, bptt=bptt)
         self.docs = [d.astype(np.int32, copy=False) for d in _check_docs('LMLoader', docs)]
         n_tokens = sum(len(d) for d in self.docs)
         self.bl = (n_tokens - 1) // bs   # tokens per stream; the last target needs one more
-        if bs < 1 or bptt < 1 or self.bl < (bptt if drop_last else 1):
+        if self.bl < (bptt if drop_last else 1):
             raise ValueError(f'LMLoader: {n_tokens} tokens cannot fill {bs=} streams of '
                              f'{bptt=}: need at least bs * bptt + 1 = {bs * bptt + 1} tokens '
                              '(lower bs or bptt, or pass drop_last=False)')
@@ -59,14 +73,16 @@ class LMLoader:
         self.epoch += 1
         return self.batches(self.epoch - 1)
 
-    def batches(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Batches of epoch `epoch`: views into one concatenation, no per-token Python."""
+    def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Batches `start`, `start + 1`, ... of epoch `epoch` (resuming skips the first
+        `start` without making them): views into one concatenation, no per-token Python."""
+        _check_start('LMLoader', start, self.n_batches)
         order = (np.random.default_rng([self.seed, epoch]).permutation(len(self.docs))
                  if self.shuffle else range(len(self.docs)))
         stream = np.concatenate([self.docs[i] for i in order])
         n = self.bs * self.bl
         xs, ys = stream[:n].reshape(self.bs, self.bl), stream[1:n + 1].reshape(self.bs, self.bl)
-        for b in range(self.n_batches):
+        for b in range(start, self.n_batches):
             cols = slice(b * self.bptt, (b + 1) * self.bptt)
             yield xs[:, cols], ys[:, cols]
 
@@ -121,6 +137,7 @@ class ClasLoader:
     def __init__(self, docs: Sequence[np.ndarray], labels: Sequence[int], bs: int = 64,
                  bptt: int = 72, shuffle: bool = True, seed: int = 0, pad_idx: int = 1,
                  drop_last: bool | None = None, bucket_lens: Sequence[int] | None = None):
+        _check_sizes('ClasLoader', bs=bs, bptt=bptt)
         self.docs = _check_docs('ClasLoader', docs)
         self.labels = np.asarray(labels)
         if self.labels.shape != (len(self.docs),) or not np.issubdtype(self.labels.dtype,
@@ -154,14 +171,15 @@ class ClasLoader:
         self.epoch += 1
         return self.batches(self.epoch - 1)
 
-    def batches(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Batches of epoch `epoch`."""
+    def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Batches `start`, `start + 1`, ... of epoch `epoch`."""
+        _check_start('ClasLoader', start, len(self))
         if self.shuffle:
             order = sortish_order(self.lengths, self.bs,
                                   np.random.default_rng([self.seed, epoch]))
         else:
             order = np.argsort(-self.lengths, kind='stable')
-        for b in range(len(self)):
+        for b in range(start, len(self)):
             idx = order[b * self.bs:(b + 1) * self.bs]
             longest = self.lengths[idx].max()
             pad_len = int(self.bucket_lens[np.searchsorted(self.bucket_lens, longest)])

@@ -1,9 +1,10 @@
 """File helpers of the text pipeline: tolerant text decoding and atomic JSON files."""
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
+
+from flax_ulmfit.atomic import atomic_write
 
 _REPLACEMENT = '\ufffd'
 
@@ -28,16 +29,8 @@ def read_text(path: str | os.PathLike, encoding: str = 'utf-8') -> str:
 
 def write_json(path: str | os.PathLike, obj):
     """Writes `obj` as JSON atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'w', encoding='utf-8') as f:
-            json.dump(obj, f, ensure_ascii=False)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_write(path, 'w', encoding='utf-8') as f:
+        json.dump(obj, f, ensure_ascii=False)
 
 
 def read_json(path: str | os.PathLike, fmt: str, where: str) -> dict:

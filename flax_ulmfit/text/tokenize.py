@@ -3,8 +3,14 @@ import collections
 import hashlib
 import itertools
 import multiprocessing
+import multiprocessing.forkserver
 import os
+import re
+import select
+import signal
 import sys
+import threading
+import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -16,6 +22,8 @@ from flax_ulmfit.text.files import read_json, write_json
 from flax_ulmfit.text.words import WordSplitter
 
 CACHE_FORMAT = 'flax_ulmfit.tokens/1'
+_SURROGATE = re.compile('[\ud800-\udfff]')   # alone in a str: never a valid character
+_REPLACEMENT = '\ufffd'
 
 _splitter = None   # this process's WordSplitter (in a forkserver, `preload` builds it)
 
@@ -24,6 +32,31 @@ def _init_worker(lang: str):
     global _splitter
     if _splitter is None or _splitter.lang != lang:
         _splitter = WordSplitter(lang)
+
+
+def _start_worker(lang: str, parent: int):
+    """Pool initializer: Ctrl-C is the parent's to handle (no worker tracebacks), and the
+    worker ends when `parent` does, even when it was killed (pool workers otherwise wait
+    on their queue forever, and keep the forkserver alive with them)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_after, args=(parent,), daemon=True).start()
+    _init_worker(lang)
+
+
+def _exit_after(pid: int):
+    try:
+        fd = os.pidfd_open(pid)        # Linux: wakes up exactly when `pid` exits
+        select.select([fd], [], [])
+    except (AttributeError, OSError):  # elsewhere (or `pid` already gone): poll
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            except PermissionError:
+                pass
+            time.sleep(1.0)
+    os._exit(1)
 
 
 def _split_chunk(texts: list[str]) -> list[str]:
@@ -41,15 +74,47 @@ def _pool_context(lang: str, start_method: str | None):
         _init_worker(lang)
     elif start_method == 'forkserver':
         ctx.set_forkserver_preload(['flax_ulmfit.text.preload'])
+        _start_forkserver_ignoring_ctrl_c()
     return ctx
 
 
+def _start_forkserver_ignoring_ctrl_c():
+    """Starts the forkserver with SIGINT ignored (inherited through exec): it imports spaCy
+    for seconds before it would ignore Ctrl-C itself, and printed a traceback when hit then."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _submit(pool: ProcessPoolExecutor, fn, *args):
+    """`pool.submit`, with Ctrl-C held back until it returns: submit may start a worker, and a
+    KeyboardInterrupt inside that start left a worker the pool did not know about, which
+    then failed (with a traceback) once the parent had cleaned up its queues."""
+    if threading.current_thread() is not threading.main_thread():
+        return pool.submit(fn, *args)
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda *_: held.append(True))
+    try:
+        return pool.submit(fn, *args)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held and callable(previous):   # the handler it held back (default: KeyboardInterrupt)
+            previous(signal.SIGINT, None)
+
+
 def _chunks(texts: Iterable[str], chunk_chars: int) -> Iterator[list[str]]:
-    chunk, size = [], 0
+    chunk, size, n_surrogates, first = [], 0, 0, None
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f'Tokenizer: text #{i} is a {type(text).__name__}, expected str; '
                             'decode bytes first (the readers in flax_ulmfit.text.corpora do)')
+        if _SURROGATE.search(text):
+            text, n = _SURROGATE.subn(_REPLACEMENT, text)
+            n_surrogates, first = n_surrogates + n, i if first is None else first
         chunk.append(text)
         size += len(text) + 1
         if size >= chunk_chars:
@@ -57,6 +122,18 @@ def _chunks(texts: Iterable[str], chunk_chars: int) -> Iterator[list[str]]:
             chunk, size = [], 0
     if chunk:
         yield chunk
+    if n_surrogates:
+        warnings.warn(f'Tokenizer: {n_surrogates} lone surrogate code point(s) (undecodable '
+                      f'bytes kept by errors="surrogateescape", or broken UTF-16; first in text '
+                      f'#{first}) replaced by U+FFFD; decode the text with errors="replace"',
+                      stacklevel=2)
+
+
+def _check_texts(texts) -> None:
+    if isinstance(texts, (str, bytes)):
+        raise TypeError(f'Tokenizer: texts must be a list of texts, got one '
+                        f'{type(texts).__name__} (it would be read one character per text); '
+                        'wrap it in a list: tokenizer([text])')
 
 
 class Tokenizer:
@@ -96,11 +173,13 @@ class Tokenizer:
 
     def __call__(self, texts: Iterable[str]) -> list[list[str]]:
         """The token list of each text (each starts with `xxbos`)."""
+        _check_texts(texts)
         total = len(texts) if hasattr(texts, '__len__') else None
         return list(self.stream(texts, total=total))
 
     def stream(self, texts: Iterable[str], total: int | None = None) -> Iterator[list[str]]:
         """Yields each text's tokens in order, holding only a few chunks at a time."""
+        _check_texts(texts)
         chunks = _chunks(texts, self.chunk_chars)
         head = list(itertools.islice(chunks, 2))
         chunks = itertools.chain(head, chunks)
@@ -113,14 +192,14 @@ class Tokenizer:
                     yield from self._emit(docs, bar)
                 return
             ctx = _pool_context(self.lang, self.start_method)
-            with ProcessPoolExecutor(self.n_workers, mp_context=ctx, initializer=_init_worker,
-                                     initargs=(self.lang,)) as pool:
+            with ProcessPoolExecutor(self.n_workers, mp_context=ctx, initializer=_start_worker,
+                                     initargs=(self.lang, os.getpid())) as pool:
                 pending = collections.deque()
                 for chunk in chunks:
                     key = self._key(chunk)
                     cached = self._load(key, len(chunk))
                     pending.append((key, cached, None if cached else
-                                    pool.submit(_split_chunk, chunk)))
+                                    _submit(pool, _split_chunk, chunk)))
                     while len(pending) > 2 * self.n_workers:
                         yield from self._finish(pending.popleft(), bar)
                 while pending:

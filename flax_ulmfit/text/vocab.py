@@ -12,6 +12,14 @@ VOCAB_FORMAT = 'flax_ulmfit.vocab/1'
 FAKE = 'xxfake'
 
 
+def _check_token_list(where: str, tokens, what: str):
+    """Raises if `tokens` is one string (untokenized text would count characters)."""
+    if isinstance(tokens, (str, bytes)):
+        raise TypeError(f'{where}: {what} must be token lists (Tokenizer output), got a '
+                        f'{type(tokens).__name__} {tokens[:40]!r}: untokenized text would be '
+                        'read one character per token; tokenize it first: Tokenizer()(texts)')
+
+
 class Vocab:
     """Token <-> id mapping: special tokens first (xxunk=0, xxpad=1), then tokens by
     decreasing count (ties: first seen first), padded with `xxfake` to a multiple of 8.
@@ -33,8 +41,13 @@ class Vocab:
                     min_freq: int = 3, tokenizer: str | None = None) -> 'Vocab':
         """Counts tokens over `docs` (token lists; any iterable, read once) like fastai's
         `make_vocab`. `tokenizer` defaults to the default `Tokenizer().name`."""
+        if max_vocab < len(SPECIAL_TOKENS) or min_freq < 0:
+            raise ValueError(f'Vocab.from_tokens: need max_vocab >= {len(SPECIAL_TOKENS)} (the '
+                             f'special tokens) and min_freq >= 0, got {max_vocab=}, {min_freq=}')
+        _check_token_list('Vocab.from_tokens', docs, 'docs (a list of token lists)')
         count = collections.Counter()
-        for doc in docs:
+        for i, doc in enumerate(docs):
+            _check_token_list('Vocab.from_tokens', doc, f'document #{i}')
             count.update(doc)
         itos = [t for t, c in count.most_common(max_vocab) if c >= min_freq]
         specials = set(SPECIAL_TOKENS)
@@ -50,6 +63,7 @@ class Vocab:
 
     def numericalize(self, tokens: Sequence[str]) -> np.ndarray:
         """Ids (int32) of `tokens`; unknown tokens -> 0 (xxunk)."""
+        _check_token_list('Vocab.numericalize', tokens, 'tokens')
         get = self.stoi.get
         return np.fromiter((get(t, 0) for t in tokens), dtype=np.int32, count=len(tokens))
 

@@ -7,22 +7,14 @@ outputs)`, `outputs` the (B, Lk, E) encoder outputs; nothing here imports a mode
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from flax_ulmfit.train.losses import accuracy, ar_tar, cross_entropy
-
-
-def check_labels(labels, n_class: int, where: str = 'check_labels') -> None:
-  """Raises ValueError unless `labels` are integer class ids in [0, n_class) (concrete arrays)."""
-  values = np.asarray(labels)
-  if not np.issubdtype(values.dtype, np.integer):
-    raise ValueError(f'{where}: labels must be integer class ids, got dtype {values.dtype}')
-  if values.size and (values.min() < 0 or values.max() >= n_class):
-    raise ValueError(f'{where}: labels must be in [0, {n_class}) for a {n_class}-class model, got labels '
-                     f'from {int(values.min())} to {int(values.max())}; are they encoded with the '
-                     'CategoryMap the model was built for?')
+from flax_ulmfit.train.step import check_ids
 
 
 def clas_loss(model, batch, rng: jax.Array | None, carry=None, alpha: float = 2.0, beta: float = 1.0):
@@ -41,9 +33,11 @@ def clas_loss(model, batch, rng: jax.Array | None, carry=None, alpha: float = 2.
     alpha, beta: AR and TAR weights, training only.
 
   Returns:
-    `(loss, (None, {'cross_entropy', 'accuracy', 'count'}))`; `count` (the batch size) lets
-    `fit` average over uneven batches exactly. Labels outside [0, n_class) raise on concrete
-    arrays and make the loss NaN inside `jit` (never a silently wrapped label).
+    `(loss, (None, {'loss', 'accuracy', 'count'}))`: the `loss` metric is the cross-entropy
+    before AR/TAR (what fastai's Recorder logs), `count` the batch size, so `fit` averages
+    over uneven batches exactly. Labels outside [0, n_class) raise on concrete arrays and make
+    the loss NaN inside `jit` (never a silently wrapped label); check them on the host with
+    `clas_batch_check`.
   """
   del carry
   x, y = batch[:2]
@@ -54,10 +48,18 @@ def clas_loss(model, batch, rng: jax.Array | None, carry=None, alpha: float = 2.
   logits, outputs = model.classify(x, masks, key=rng)
   n_class = logits.shape[-1]
   if not isinstance(y, jax.core.Tracer):
-    check_labels(y, n_class, 'clas_loss')
+    check_ids(y, n_class, 'clas_loss: labels')
   in_range = jnp.all((y >= 0) & (y < n_class))
   cross_entropy_ = jnp.where(in_range, cross_entropy(logits, y), jnp.nan)
   loss = cross_entropy_ if rng is None else cross_entropy_ + ar_tar(outputs, outputs, alpha, beta)
-  metrics = {'cross_entropy': cross_entropy_, 'accuracy': accuracy(logits, y),
-             'count': jnp.asarray(y.shape[0], jnp.float32)}
+  metrics = {'loss': cross_entropy_, 'accuracy': accuracy(logits, y), 'count': jnp.asarray(y.shape[0], jnp.float32)}
   return loss, (None, metrics)
+
+
+def clas_batch_check(model) -> Callable[[Any], None]:
+  """`check_batch` for the classifier's train and eval steps: token ids of the model's
+  vocabulary padded as `ClasLoader` pads them (`model.check_input`), labels in [0, n_class)."""
+  def check(batch):
+    model.check_input(batch[0])
+    check_ids(batch[1], model.n_class, 'clas batch: labels')
+  return check

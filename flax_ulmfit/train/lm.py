@@ -8,9 +8,13 @@ The decoder's matmul and the cross-entropy run fused (`linear_cross_entropy`), s
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 
 from flax_ulmfit.train.losses import ar_tar, linear_cross_entropy
+from flax_ulmfit.train.step import check_ids
 
 
 def lm_loss(model, batch, rng: jax.Array | None, carry, alpha: float = 2.0, beta: float = 1.0):
@@ -25,7 +29,8 @@ def lm_loss(model, batch, rng: jax.Array | None, carry, alpha: float = 2.0, beta
     alpha, beta: AR and TAR weights (fastai's TextLearner: 2 and 1), training only.
 
   Returns:
-    `(loss, (new state with its gradient stopped, {'cross_entropy': ...}))`.
+    `(loss, (new state with its gradient stopped, {'loss': cross_entropy}))`: the metric
+    is the loss before AR/TAR, which is what fastai's Recorder logs as the training loss.
   """
   x, y = batch[:2]
   masks = batch[2] if len(batch) > 2 else None
@@ -34,4 +39,12 @@ def lm_loss(model, batch, rng: jax.Array | None, carry, alpha: float = 2.0, beta
   state, extras = model.encode(x, carry, masks)
   cross_entropy = linear_cross_entropy(extras.dropped, *model.output_layer(), y)
   loss = cross_entropy if rng is None else cross_entropy + ar_tar(extras.raw, extras.dropped, alpha, beta)
-  return loss, (jax.lax.stop_gradient(state), {'cross_entropy': cross_entropy})
+  return loss, (jax.lax.stop_gradient(state), {'loss': cross_entropy})
+
+
+def lm_batch_check(vocab_size: int) -> Callable[[Any], None]:
+  """`check_batch` for the LM's train and eval steps: inputs and targets are ids in [0, vocab_size)."""
+  def check(batch):
+    check_ids(batch[0], vocab_size, 'lm batch: input ids')
+    check_ids(batch[1], vocab_size, 'lm batch: target ids')
+  return check

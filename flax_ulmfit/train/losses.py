@@ -165,7 +165,9 @@ def ar_tar(raw: jax.Array, dropped: jax.Array, alpha: float = 2.0, beta: float =
   """AWD-LSTM activation regularisation (AR) plus temporal activation regularisation (TAR).
 
   fastai's `RNNRegularizer` (TextLearner defaults alpha=2, beta=1), for training only:
-  `alpha * mean(dropped ** 2) + beta * mean((raw[:, 1:] - raw[:, :-1]) ** 2)`.
+  `alpha * mean(dropped ** 2) + beta * mean((raw[:, 1:] - raw[:, :-1]) ** 2)`. As in fastai,
+  TAR is left out for a batch of one row (its guard `len(h) > 1` is on the batch axis); it is
+  also left out for one time step, where fastai's mean over nothing would be NaN.
 
   Args:
     raw: (B, T, E) last-layer LSTM output before output dropout.
@@ -178,5 +180,5 @@ def ar_tar(raw: jax.Array, dropped: jax.Array, alpha: float = 2.0, beta: float =
   """
   raw = raw.astype(jnp.float32)
   ar = jnp.mean(jnp.square(dropped.astype(jnp.float32)))
-  tar = jnp.mean(jnp.square(raw[:, 1:] - raw[:, :-1])) if raw.shape[1] > 1 else 0.0
+  tar = jnp.mean(jnp.square(raw[:, 1:] - raw[:, :-1])) if raw.shape[0] > 1 and raw.shape[1] > 1 else 0.0
   return alpha * ar + beta * tar

@@ -23,17 +23,24 @@ class LRFinderResult(NamedTuple):
 
 
 def valley(lrs: list[float], losses: list[float]) -> float:
-  """fastai's `valley` rule: the lr two thirds of the way down the longest decreasing run of the loss curve."""
+  """fastai's `valley` rule: an lr about two thirds of the way down the longest decreasing run of the loss curve.
+
+  The run lengths come from fastai's dynamic programme (longest strictly decreasing
+  subsequence ending at each point). As in fastai 2.8, the run's end moves to `i` as soon
+  as the run ending at `i` grows longer than the best so far, and its start is then set
+  to `i - length` (not `+ 1`), from the length at that moment, even if the inner loop
+  lengthens the run at `i` afterwards; the suggestion is
+  `start + int(third) + int(third / 2)` with `third = (end - start) / 3`.
+  """
   n = len(losses)
   run = [1] * n
-  end = 0
+  start = end = 0
   for i in range(1, n):
     for j in range(i):
       if losses[i] < losses[j] and run[i] < run[j] + 1:
         run[i] = run[j] + 1
-    if run[i] > run[end]:
-      end = i
-  start = end - run[end] + 1
+      if run[end] < run[i]:
+        end, start = i, i - run[i]
   third = (end - start) / 3
   return float(lrs[start + int(third) + int(third / 2)])
 

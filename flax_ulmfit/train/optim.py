@@ -4,7 +4,8 @@ The pieces: `fastai_adam` (one transformation, lr and momentum schedulable throu
 `optax.inject_hyperparams`), `label_params` (path rules -> group names),
 `discriminative_lrs` (fastai's `slice(lo, hi)`), `bn_bias_mask` (what `wd_bn_bias=False`
 exempts), and `fastai_optimizer`, which chains freezing, clipping and one Adam per group
-with `optax.multi_transform`. `carry_state` moves per-parameter state between stages.
+with `optax.multi_transform`. A new stage builds a new optimizer and starts from its `init`:
+fastai's `Learner.freeze_to` clears the optimizer state.
 """
 from __future__ import annotations
 
@@ -175,7 +176,7 @@ def fastai_optimizer(labels: Any, lrs: Mapping[str, float | optax.Schedule], *,
 
   Returns:
     An `optax.GradientTransformation`; groups' states live under their names in the
-    `multi_transform` state, so `carry_state` can move them to the next stage's optimizer.
+    `multi_transform` state.
   """
   groups = set(jax.tree.leaves(labels))
   if FROZEN in groups:
@@ -201,30 +202,6 @@ def fastai_optimizer(labels: Any, lrs: Mapping[str, float | optax.Schedule], *,
     keep = {g: optax.identity() for g in present - {FROZEN}} | {FROZEN: optax.set_to_zero()}
     steps += [optax.multi_transform(keep, effective), optax.clip_by_global_norm(clip_norm)]
   return optax.chain(*steps, optax.multi_transform(transforms, effective))
-
-
-def carry_state(old_state: Any, new_state: Any) -> Any:
-  """Copies each parameter's Adam state (step, averages) from `old_state` into `new_state`.
-
-  fastai keeps optimizer state per parameter across `freeze_to`; here a stage change builds
-  a new `fastai_optimizer`, `init`s it, and carries over the state of every parameter that
-  was trained before and still is. Parameters that start training begin from zeros.
-  """
-  is_adam = lambda x: isinstance(x, ScaleByFastaiAdamState)
-  found = {}
-  for node in jax.tree.leaves(old_state, is_leaf=is_adam):
-    if is_adam(node):
-      for field in node._fields:
-        for path, leaf in jax.tree_util.tree_flatten_with_path(getattr(node, field))[0]:
-          found[field, path] = leaf
-
-  def fill(node):
-    if not is_adam(node):
-      return node
-    return ScaleByFastaiAdamState(*(
-        jax.tree_util.tree_map_with_path(lambda path, leaf, f=field: found.get((f, path), leaf), getattr(node, field))
-        for field in node._fields))
-  return jax.tree.map(fill, new_state, is_leaf=is_adam)
 
 
 def hyperparams(opt_state: Any, group: str | None = None) -> dict[str, jax.Array]:

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
+
+from flax_ulmfit.atomic import atomic_write
 
 
 def figure(path: str | os.PathLike, ncols: int, who: str):
@@ -22,14 +23,9 @@ def figure(path: str | os.PathLike, ncols: int, who: str):
 def save(fig, path: str | os.PathLike) -> None:
   """Writes `fig` to `path` via a temporary file and a rename, then closes it."""
   import matplotlib.pyplot as plt
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
   fig.tight_layout()
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.stem}.', suffix=path.suffix or '.png')
-  os.close(fd)
   try:
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+      fig.savefig(f, format=Path(path).suffix.lstrip('.') or 'png')
   finally:
-    Path(tmp).unlink(missing_ok=True)
     plt.close(fig)

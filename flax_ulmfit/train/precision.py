@@ -54,6 +54,9 @@ def get_policy(name: str) -> Policy:
   return POLICIES[name]
 
 
+_FLOAT32_MAX = float(jnp.finfo(jnp.float32).max)
+
+
 class DynamicLossScaleState(NamedTuple):
   """The loss scale, the clean steps since it last changed, and the wrapped optimizer's state."""
   scale: jax.Array       # shape=(), dtype=float32
@@ -71,22 +74,25 @@ def dynamic_loss_scale(inner: optax.GradientTransformation, init_scale: float = 
   overflow the update is zero, `inner`'s state is kept as it was, the scale is multiplied
   by `backoff_factor` and (if `reset_on_overflow`) the clean-step count restarts. Otherwise
   `inner` runs on the unscaled gradients (so clipping inside `inner` sees true gradients)
-  and after `growth_interval` clean steps the scale grows by `growth_factor`. The train step
+  and after `growth_interval` clean steps the scale grows by `growth_factor`, unless that
+  would overflow float32 (then it stays, and the count restarts, as in torch). The train step
   reads the scale with `loss_scale(opt_state)` to scale the loss.
 
   The defaults are torch's `GradScaler`; `fastai_course_scaler` is fastai's course-v3 one.
 
   Args:
     inner: the optimizer to protect.
-    init_scale: starting scale.
+    init_scale: starting scale, finite and positive.
     growth_factor: multiplier after `growth_interval` clean steps.
     backoff_factor: multiplier on overflow.
     growth_interval: clean steps between growths.
     reset_on_overflow: whether an overflow resets the clean-step count.
   """
-  if not 0.0 < backoff_factor < 1.0 or growth_factor < 1.0 or growth_interval < 1 or init_scale <= 0:
+  if not (0.0 < backoff_factor < 1.0 and growth_factor >= 1.0 and growth_interval >= 1
+          and 0.0 < init_scale <= _FLOAT32_MAX):
     raise ValueError(f'dynamic_loss_scale: expected 0 < backoff_factor < 1, growth_factor >= 1, '
-                     f'growth_interval >= 1, init_scale > 0; got {backoff_factor=}, {growth_factor=}, '
+                     f'growth_interval >= 1 and a finite init_scale > 0 (at most float32 max '
+                     f'{_FLOAT32_MAX:.4g}); got {backoff_factor=}, {growth_factor=}, '
                      f'{growth_interval=}, {init_scale=}')
   inner = optax.with_extra_args_support(inner)
 
@@ -102,8 +108,9 @@ def dynamic_loss_scale(inner: optax.GradientTransformation, init_scale: float = 
     inner_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), inner_state, state.inner_state)
     good = state.good_steps + 1
     grow = finite & (good >= growth_interval)
-    scale = jnp.where(finite, jnp.where(grow, state.scale * growth_factor, state.scale),
-                      state.scale * backoff_factor)
+    grown = state.scale * growth_factor
+    grown = jnp.where(jnp.isfinite(grown), grown, state.scale)  # torch: never past float32's max
+    scale = jnp.where(finite, jnp.where(grow, grown, state.scale), state.scale * backoff_factor)
     overflow_good = jnp.zeros_like(good) if reset_on_overflow else state.good_steps
     good = jnp.where(finite, jnp.where(grow, 0, good), overflow_good)
     return updates, DynamicLossScaleState(scale, good, inner_state)

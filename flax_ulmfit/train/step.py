@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -41,14 +42,54 @@ def _mean_over_devices(tree):
   return jax.tree.map(lambda x: jax.lax.pmean(x, DATA_AXIS) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
+def check_ids(ids, upper: int, what: str) -> None:
+  """Raises unless `ids` are integers in [0, `upper`): a host-side check, since inside jit
+  an out-of-range id is silently clamped (or gives NaN) and the step still updates."""
+  ids = np.asarray(ids)
+  if not np.issubdtype(ids.dtype, np.integer):
+    raise TypeError(f'{what} must be integer ids, got dtype {ids.dtype}')
+  if ids.size and (ids.min() < 0 or ids.max() >= upper):
+    bad = np.argwhere((ids < 0) | (ids >= upper))[0]
+    raise ValueError(f'{what} must lie in [0, {upper}), got {ids[tuple(bad)]} at index {tuple(bad.tolist())} '
+                     f'(min {ids.min()}, max {ids.max()}); were they made with another vocabulary or label map?')
+
+
+def _keep_if(ok: jax.Array, new: Any, old: Any) -> Any:
+  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+                            if jnp.issubdtype(x.dtype, jnp.inexact)] or [True]))
+
+
+def _checked(step: Callable, check_batch: Callable | None) -> Callable:
+  if check_batch is None:
+    return step
+
+  def checked(state, batch, *args):
+    check_batch(batch)
+    return step(state, batch, *args)
+  return checked
+
+
 def make_train_step(model: nnx.Module, loss_fn: LossFn, tx: optax.GradientTransformation,
-                    mesh: Mesh | None = None) -> Callable:
+                    mesh: Mesh | None = None, check_batch: Callable[[Any], None] | None = None) -> Callable:
   """Returns `step(state, batch, rng, carry) -> (state, carry, metrics)`, jitted, `state` donated.
 
   `model` is put in train mode and split once; the step merges the graph with the state
   it is given, so `model` itself is not updated (use `update_model`). If `tx` contains a
   `dynamic_loss_scale`, the loss is multiplied by its current scale before differentiation.
-  `metrics` holds `loss` (unscaled) plus `loss_fn`'s metrics, all device scalars.
+  `metrics` holds the device scalars of `loss_fn`'s metrics and:
+  - `loss`: `loss_fn`'s own 'loss' metric when it gives one (what fastai's Recorder logs,
+    e.g. a language model's cross-entropy before AR/TAR), else the differentiated loss;
+  - `nonfinite`: True when the differentiated loss, or a gradient (without a loss scaler,
+    which skips overflowing steps itself), was inf/NaN. Such a step changes nothing in
+    `state`, so weights never turn inf/NaN; `fit` then stops the run (fastai's
+    TerminateOnNaNCallback).
+
+  `check_batch(batch)` runs on the host before the batch enters the jitted step (e.g.
+  `train.lm.lm_batch_check(vocab_size)`); device-array batches are copied to the host for it.
 
   With `mesh` (`parallel.data_mesh()`), the step is data-parallel: place `state` with
   `parallel.replicate` and `batch` and `carry` with `parallel.shard_batch`; each device
@@ -72,20 +113,25 @@ def make_train_step(model: nnx.Module, loss_fn: LossFn, tx: optax.GradientTransf
     grads, (loss, carry, metrics, rest) = jax.grad(objective, has_aux=True)(state.params)
     if mesh is not None:
       grads, loss, metrics, rest = _mean_over_devices((grads, loss, metrics, rest))
+    finite = jnp.isfinite(loss) if scale is not None else jnp.isfinite(loss) & _all_finite(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    return TrainState(params, rest, opt_state), carry, {'loss': loss, **metrics}
+    new_state = _keep_if(finite, TrainState(params, rest, opt_state), state)
+    metrics = dict(metrics)
+    return new_state, carry, {'loss': metrics.pop('loss', loss), **metrics, 'nonfinite': ~finite}
 
   if mesh is not None:
     step = data_parallel(step, mesh, in_specs=(REPLICATED, BATCH, REPLICATED, BATCH),
                          out_specs=(REPLICATED, BATCH, REPLICATED))
-  return jax.jit(step, donate_argnums=0)  # not the carry: callers may pass one zeros array twice
+  # not the carry: callers may pass one zeros array twice
+  return _checked(jax.jit(step, donate_argnums=0), check_batch)
 
 
-def make_eval_step(model: nnx.Module, loss_fn: LossFn) -> Callable:
+def make_eval_step(model: nnx.Module, loss_fn: LossFn, check_batch: Callable[[Any], None] | None = None) -> Callable:
   """Returns `step(state, batch, carry) -> (carry, metrics)`, jitted, with `model` in eval mode.
 
-  `loss_fn` is called with `rng=None`; eval mode needs no randomness.
+  `loss_fn` is called with `rng=None`; eval mode needs no randomness. `metrics['loss']` is
+  `loss_fn`'s 'loss' metric if it gives one, else its loss. `check_batch` as for `make_train_step`.
   """
   model.eval()
   graphdef = nnx.graphdef(model)
@@ -95,7 +141,7 @@ def make_eval_step(model: nnx.Module, loss_fn: LossFn) -> Callable:
     loss, (carry, metrics) = loss_fn(module, batch, None, carry)
     return carry, {'loss': jnp.asarray(loss, jnp.float32), **metrics}
 
-  return jax.jit(step)
+  return _checked(jax.jit(step), check_batch)
 
 
 def update_model(model: nnx.Module, state: TrainState) -> None:
