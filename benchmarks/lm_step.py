@@ -23,6 +23,8 @@ import os
 import statistics
 import time
 
+import timing
+
 CONFIGS = {  # vocab, emb_sz, n_hid, n_layers; bptt 72 and bs 32 for both
     'small': (10_000, 400, 400, 3),
     'default': (10_000, 400, 1152, 3),
@@ -44,12 +46,7 @@ def parse_args():
 
 
 args = parse_args()
-# Both must be set before the libraries load: N host devices for XLA; torch's idle OpenMP
-# threads sleep instead of spinning (spinning made torch 10x slower on a shared machine).
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           f' --xla_force_host_platform_device_count={args.devices}' +
-                           (' --xla_cpu_experimental_ynn_fusion_type=' if args.dots == 'eigen' else '')).strip()
-os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+timing.configure(args.devices, args.dots)  # before jax and torch load
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -131,18 +128,11 @@ def run(name: str) -> float:
   data = batches(vocab)
   torch_runner = TorchRunner(vocab, config, flax_to_torch(model), data)
   flax_runner = FlaxRunner(model, data)
-  times = {'flax': [], 'torch': []}
-  losses = {'flax': [], 'torch': []}
-  for i in range(args.warmup + args.steps):
-    for label, runner in (('flax', flax_runner), ('torch', torch_runner)):
-      seconds, loss = runner.step(i)
-      if i >= args.warmup:
-        times[label].append(seconds * 1e3)
-        losses[label].append(loss)
+  times, last = timing.alternate({'flax': flax_runner, 'torch': torch_runner}, args.steps, args.warmup)
   flax_ms, torch_ms = statistics.median(times['flax']), statistics.median(times['torch'])
   print(f'{name:8s} V={vocab} {emb}/{hid}/{layers} bs={args.bs} bptt={args.bptt}: '
         f'flax {flax_ms:8.1f} ms  torch {torch_ms:8.1f} ms  (medians of {args.steps}; '
-        f'last losses {losses["flax"][-1]:.3f} / {losses["torch"][-1]:.3f})  '
+        f'last losses {last["flax"]:.3f} / {last["torch"]:.3f})  '
         f'speedup {torch_ms / flax_ms:.3f}', flush=True)
   return torch_ms / flax_ms
 

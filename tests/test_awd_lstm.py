@@ -48,6 +48,42 @@ def test_dropout_mask_statistics():
     dropout_mask(jax.random.key(0), (2,), 1.0)
 
 
+def test_mask_bits_are_threefry_and_independent_across_keys_and_positions():
+  """The bits behind every mask are JAX's own Threefry-2x32 (our unrolled copy runs faster on
+  CPU); masks of different keys, and neighbouring elements of one mask, are uncorrelated."""
+  from jax.extend.random import threefry_2x32
+  from flax_ulmfit.models.dropout import threefry2x32
+  rng = np.random.default_rng(0)
+  key, count = rng.integers(0, 2 ** 32, 2, np.uint32), rng.integers(0, 2 ** 32, (2, 1000), np.uint32)
+  ours = np.stack([np.asarray(w) for w in threefry2x32(*map(jnp.uint32, key), *map(jnp.asarray, count))])
+  np.testing.assert_array_equal(ours, np.asarray(threefry_2x32(jnp.asarray(key), jnp.asarray(count))))
+  a = np.asarray(dropout_mask(jax.random.key(1), (500, 400), 0.5)).ravel() > 0
+  b = np.asarray(dropout_mask(jax.random.key(2), (500, 400), 0.5)).ravel() > 0
+  # 200k fair coins: a correlation's standard deviation is ~0.0022; 0.01 is 4.5 of them.
+  assert abs(np.corrcoef(a, b)[0, 1]) < 0.01 and abs(np.corrcoef(a[1:], a[:-1])[0, 1]) < 0.01
+
+
+def test_masks_drawn_from_a_key_equal_sample_masks_and_their_gradients():
+  """`encoder(tokens, key=k)` draws `sample_masks(k, B)`; its weight masks are redrawn in the
+  backward pass (not kept), which gives the gradients of the explicit-mask path."""
+  encoder = AWDLSTM(20, 6, 8, 2, hidden_p=0.3, input_p=0.3, embed_p=0.2, weight_p=0.5, rngs=nnx.Rngs(0))
+  ids = jnp.arange(12, dtype=jnp.int32).reshape(2, 6) % 20
+  key = jax.random.key(5)
+
+  def loss(model, masks, key):
+    out, (state, _) = model(ids, None, masks, key=key)
+    return jnp.sum(out ** 2) + jnp.sum(state[0] ** 2)
+
+  with_key, key_grads = nnx.value_and_grad(loss)(encoder, None, key)
+  with_masks, mask_grads = nnx.value_and_grad(loss)(encoder, encoder.sample_masks(key, 2), None)
+  np.testing.assert_allclose(with_key, with_masks, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(key_grads), jax.tree.leaves(mask_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  weight_grad = np.asarray(key_grads['rnns'][0]['weight_hh'][...])
+  dropped = np.asarray(encoder.sample_masks(key, 2)['weight'][0]) == 0
+  assert dropped.any() and np.all(weight_grad[dropped] == 0) and np.abs(weight_grad).max() > 0
+
+
 # Sizes where every mask has >= 2,048 entries: a drop rate's standard deviation is <= 0.011.
 STATS_CONFIG = dict(awd_lstm_lm_config, emb_sz=32, n_hid=32, n_layers=3, output_p=0.3, hidden_p=0.25,
                     input_p=0.35, embed_p=0.2, weight_p=0.4)

@@ -90,21 +90,26 @@ class AWDLSTM(nnx.Module):
     """The state at the start of a text: zeros for every layer."""
     return tuple(rnn.zero_state(batch_size) for rnn in self.rnns)
 
+  def _site_keys(self, key: jax.Array) -> dict[str, Any]:
+    """One key per dropout site, in `sample_masks`' layout."""
+    k_embed, k_input, k_weight, k_hidden = jax.random.split(key, 4)
+    return dict(embed=k_embed, input=k_input, weight=list(jax.random.split(k_weight, self.n_layers)),
+                hidden=list(jax.random.split(k_hidden, max(self.n_layers - 1, 1)))[:self.n_layers - 1])
+
   def sample_masks(self, key: jax.Array, batch_size: int) -> Masks:
-    """Draws every dropout mask of one forward pass (all ones where p = 0).
+    """Draws every dropout mask of one forward pass (all ones where p = 0); `self(tokens,
+    key=key)` draws the same ones.
 
     Returns a dict: `embed` (V, 1), `input` (B, 1, E), `weight` one (4H_l, H_l) per layer,
     `hidden` one (B, 1, H_l) per layer but the last.
     """
-    k_embed, k_input, k_weight, k_hidden = jax.random.split(key, 4)
-    k_weight = jax.random.split(k_weight, self.n_layers)
-    k_hidden = jax.random.split(k_hidden, max(self.n_layers - 1, 1))
+    keys = self._site_keys(key)
     return dict(
-        embed=self.encoder_dp.draw((self.vocab_sz, 1), k_embed),
-        input=self.input_dp.draw(self.input_dp.mask_shape(batch_size, self.emb_sz), k_input),
-        weight=[dp.draw(rnn.weight_hh.shape, k) for dp, rnn, k in zip(self.weight_dps, self.rnns, k_weight)],
+        embed=self.encoder_dp.draw((self.vocab_sz, 1), keys['embed']),
+        input=self.input_dp.draw(self.input_dp.mask_shape(batch_size, self.emb_sz), keys['input']),
+        weight=[dp.draw(rnn.weight_hh.shape, k) for dp, rnn, k in zip(self.weight_dps, self.rnns, keys['weight'])],
         hidden=[dp.draw(dp.mask_shape(batch_size, rnn.hidden_size), k)
-                for dp, rnn, k in zip(self.hidden_dps, self.rnns, k_hidden)])
+                for dp, rnn, k in zip(self.hidden_dps, self.rnns, keys['hidden'])])
 
   def _check_state(self, state: State, batch_size: int) -> None:
     expected = [(batch_size, rnn.hidden_size) for rnn in self.rnns]
@@ -115,21 +120,23 @@ class AWDLSTM(nnx.Module):
       raise ValueError(f'AWDLSTM: state must be {self.n_layers} pairs (h, c) of shapes {expected} '
                        f'for batch size {batch_size}, got {got}; pass state=None to start from zeros')
 
-  def embed(self, tokens: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  def embed(self, tokens: jax.Array, mask: jax.Array | None = None, *, key: jax.Array | None = None) -> jax.Array:
     """Looks up (T, B) tokens in the (dropped) embedding; the padding row gets no gradient."""
-    weight = self.encoder_dp(self.encoder[...], mask)
+    weight = self.encoder_dp(self.encoder[...], mask, key=key)
     vectors = weight[tokens]
     is_pad = (tokens == self.pad_token)[..., None]
     return jnp.where(is_pad, jax.lax.stop_gradient(vectors), vectors)
 
   def __call__(self, tokens: jax.Array, state: State | None = None,
-               masks: Masks | None = None) -> tuple[jax.Array, State]:
+               masks: Masks | None = None, *, key: jax.Array | None = None) -> tuple[jax.Array, State]:
     """Encodes a batch.
 
     Args:
       tokens: (B, T) integer ids.
       state: per-layer `(h, c)` from the previous batch, or None for zeros.
       masks: dropout masks (`sample_masks`' layout); missing ones are drawn. Ignored in eval.
+      key: draws the missing masks as `sample_masks(key, B)` would (else each site's stream);
+        weight masks drawn here are redrawn in the backward pass rather than kept.
 
     Returns:
       `(output (B, T, E) float32, new state)`; output is the last layer's, without dropout.
@@ -139,15 +146,18 @@ class AWDLSTM(nnx.Module):
     state = self.zero_state(batch_size) if state is None else state
     self._check_state(state, batch_size)
     masks = masks or {}
+    keys = self._site_keys(key) if key is not None else dict(embed=None, input=None, weight=[None] * self.n_layers,
+                                                           hidden=[None] * (self.n_layers - 1))
     weight_masks = masks.get('weight') or [None] * self.n_layers
     hidden_masks = masks.get('hidden') or [None] * (self.n_layers - 1)
-    x = self.input_dp(self.embed(tokens.T, masks.get('embed')), masks.get('input'))
+    x = self.input_dp(self.embed(tokens.T, masks.get('embed'), key=keys['embed']), masks.get('input'), key=keys['input'])
     new_state = []
     for l, (rnn, weight_dp) in enumerate(zip(self.rnns, self.weight_dps)):
-      x, layer_state = rnn(x, state[l], weight_hh=weight_dp(rnn.weight_hh[...], weight_masks[l]))
+      weight_hh = weight_dp(rnn.weight_hh[...], weight_masks[l], key=keys['weight'][l])
+      x, layer_state = rnn(x, state[l], weight_hh=weight_hh)
       new_state.append(layer_state)
       if l < self.n_layers - 1:
-        x = self.hidden_dps[l](x, hidden_masks[l])
+        x = self.hidden_dps[l](x, hidden_masks[l], key=keys['hidden'][l])
     return jnp.swapaxes(x, 0, 1).astype(jnp.float32), tuple(new_state)
 
 

@@ -18,14 +18,19 @@ def adaptive_concat_pool(x: jax.Array) -> jax.Array:
 
 
 class LinBnDrop(nnx.Module):
-  """fastai's LinBnDrop: [BatchNorm1d (weight 1, bias 1e-3)] -> [Dropout(p)] -> Linear(bias=not bn)."""
+  """fastai's LinBnDrop: [BatchNorm1d (weight 1, bias 1e-3)] -> [Dropout(p)] -> Linear(bias=not bn).
 
-  def __init__(self, n_in: int, n_out: int, bn: bool = True, p: float = 0.0, *, dtype=None, rngs: nnx.Rngs):
+  `kernel_init` defaults to fastai's `create_head` init (kaiming normal); the text classifier
+  keeps torch's default Linear init.
+  """
+
+  def __init__(self, n_in: int, n_out: int, bn: bool = True, p: float = 0.0, *, kernel_init=kaiming_normal,
+               dtype=None, rngs: nnx.Rngs):
     self.bn = BatchNorm(n_in) if bn else None
     if self.bn is not None:
       self.bn.bias[...] = jnp.full((n_in,), 1e-3, jnp.float32)
     self.dropout = nnx.Dropout(p, rngs=rngs)
-    self.linear = nnx.Linear(n_in, n_out, use_bias=not bn, kernel_init=kaiming_normal, dtype=dtype, rngs=rngs)
+    self.linear = nnx.Linear(n_in, n_out, use_bias=not bn, kernel_init=kernel_init, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, dropout_mask: jax.Array | None = None) -> jax.Array:
     if self.bn is not None:
