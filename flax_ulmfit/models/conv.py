@@ -1,10 +1,13 @@
 """Swappable convolution and pooling formulations for NHWC images (torch's padding semantics).
 
 `impl='xla'` uses `lax.conv_general_dilated` / `lax.reduce_window` (right on GPU/TPU);
-`impl='im2col'` writes each op as k*k strided slices (plus one matmul for a conv), which
-XLA's CPU backend runs several times faster than its convolution. `impl='auto'` picks
-im2col on CPU and xla elsewhere. Padding is symmetric like torch's `padding=p`, never
-Flax's 'SAME' (which pads asymmetrically for stride 2).
+`impl='im2col'` writes each op as k*k strided slices (plus one matmul for a conv).
+`impl='auto'` picks xla on GPU/TPU; on CPU, per layer, xla (XLA hands the convolution and
+both its gradients to YNNPACK) where the output is at least as large as the kernel, and
+im2col where it is smaller (XLA's CPU compiler then swaps image and kernel and runs a slow
+generic loop) and for pooling (XLA's max-pool gradient is a slow select-and-scatter).
+docs/performance-vision.md has the measurements. Padding is symmetric like torch's
+`padding=p`, never Flax's 'SAME' (which pads asymmetrically for stride 2).
 """
 from __future__ import annotations
 
@@ -16,13 +19,19 @@ from jax import lax
 CONV_IMPLS = ('auto', 'im2col', 'xla')
 
 
-def resolve_conv_impl(impl: str) -> str:
-  """Returns 'im2col' or 'xla' for `impl` in CONV_IMPLS ('auto': im2col on CPU, xla elsewhere)."""
+def resolve_conv_impl(impl: str, out_hw: tuple[int, int] | None = None, ks: int | None = None) -> str:
+  """Returns 'im2col' or 'xla' for `impl` in CONV_IMPLS.
+
+  'auto' gives xla off CPU; on CPU, xla for a convolution whose output (`out_hw`) is at
+  least its kernel size `ks` (> 1), im2col otherwise and for pooling (`out_hw` None).
+  """
   if impl not in CONV_IMPLS:
     raise ValueError(f'conv_impl must be one of {CONV_IMPLS}, got {impl=!r}')
-  if impl == 'auto':
-    return 'im2col' if jax.default_backend() == 'cpu' else 'xla'
-  return impl
+  if impl != 'auto':
+    return impl
+  if jax.default_backend() != 'cpu':
+    return 'xla'
+  return 'xla' if out_hw is not None and ks > 1 and min(out_hw) >= ks else 'im2col'
 
 
 def _windows(x: jax.Array, ks: int, stride: int, out_hw: tuple[int, int]):
@@ -40,12 +49,11 @@ def _out_size(size: int, ks: int, stride: int, padding: int) -> int:
 
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int, impl: str = 'auto') -> jax.Array:
   """Convolution of (N, H, W, Cin) `x` with a (k, k, Cin, Cout) HWIO `kernel`, torch semantics."""
-  impl = resolve_conv_impl(impl)
   ks = kernel.shape[0]
-  if impl == 'xla':
+  out_hw = (_out_size(x.shape[1], ks, stride, padding), _out_size(x.shape[2], ks, stride, padding))
+  if resolve_conv_impl(impl, out_hw, ks) == 'xla':
     return lax.conv_general_dilated(x, kernel, (stride, stride), [(padding, padding)] * 2,
                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  out_hw = (_out_size(x.shape[1], ks, stride, padding), _out_size(x.shape[2], ks, stride, padding))
   if padding:
     x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
   patches = list(_windows(x, ks, stride, out_hw))
@@ -55,9 +63,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int, impl: str
 
 def max_pool(x: jax.Array, ks: int, stride: int, padding: int, impl: str = 'auto') -> jax.Array:
   """torch's MaxPool2d(ks, stride, padding) on NHWC `x` (padding never wins the max)."""
-  impl = resolve_conv_impl(impl)
   pads = ((0, 0), (padding, padding), (padding, padding), (0, 0))
-  if impl == 'xla':
+  if resolve_conv_impl(impl) == 'xla':
     return lax.reduce_window(x, -jnp.inf, lax.max, (1, ks, ks, 1), (1, stride, stride, 1), pads)
   out_hw = (_out_size(x.shape[1], ks, stride, padding), _out_size(x.shape[2], ks, stride, padding))
   x = jnp.pad(x, pads, constant_values=-jnp.inf)
