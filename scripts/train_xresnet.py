@@ -132,9 +132,10 @@ def main(args) -> list[dict]:
     history = learn.fit_one_cycle(args.epochs, args.lr or 1e-2)
 
   save_xresnet(args.out / 'model.npz', model, arch, classes, train_dl.stats)
-  steady = [r['time'] for r in history[1:]] or [history[0]['time']]
-  print(f'{train_dl.n_images / statistics.median(steady):.0f} train images/s (median epoch after the first, '
-        f'validation included); log, plots and weights in {args.out}/')
+  steady = [r['time'] for r in history if r['epoch'] > 0]  # a stage's first epoch includes compilation
+  speed = (f'{train_dl.n_images / statistics.median(steady):.0f} train images/s (median epoch after each stage\'s '
+           'first, validation included)' if steady else 'no epoch without compilation to time')
+  print(f'{speed}; log, plots and weights in {args.out}/')
   print(f'accuracy={history[-1]["valid_accuracy"]:.4f}')
   return history
 

@@ -67,11 +67,13 @@ def max_pool(x: jax.Array, ks: int, stride: int, padding: int, impl: str = 'auto
   if resolve_conv_impl(impl) == 'xla':
     return lax.reduce_window(x, -jnp.inf, lax.max, (1, ks, ks, 1), (1, stride, stride, 1), pads)
   out_hw = (_out_size(x.shape[1], ks, stride, padding), _out_size(x.shape[2], ks, stride, padding))
-  x = jnp.pad(x, pads, constant_values=-jnp.inf)
+  # In fp32 whatever x's dtype (the max is exact either way): XLA's CPU backend has no bf16/fp16
+  # compare, and converted the chained maxima and their gradient at every step of the chain.
+  padded = jnp.pad(x.astype(jnp.float32), pads, constant_values=-jnp.inf)
   out = None
-  for window in _windows(x, ks, stride, out_hw):
+  for window in _windows(padded, ks, stride, out_hw):
     out = window if out is None else jnp.maximum(out, window)
-  return out
+  return out.astype(x.dtype)
 
 
 def avg_pool_ceil(x: jax.Array) -> jax.Array:
