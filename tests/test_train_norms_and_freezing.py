@@ -132,29 +132,33 @@ def _loss(model, batch, rng, carry):
   return cross_entropy(model(x, dropout_masks=[None, None]), y), (carry, {})
 
 
+def _compiled(model, tx, batch):
+  """The jitted train step compiled for `batch`, its initial state, and its FLOP count."""
+  state = init_train_state(model, tx)
+  compiled = make_train_step(model, _loss, tx).lower(state, batch, jax.random.key(0), None).compile()
+  cost = compiled.cost_analysis()
+  return compiled, state, (cost[0] if isinstance(cost, list) else cost)['flops']
+
+
 def test_frozen_body_trains_only_its_norm_layers_and_skips_their_gradients():
   model = _tiny_cnn()
   params = nnx.state(model, nnx.Param)
   labels = xresnet_split(params)
   assert set(jax.tree.leaves(labels)) == set(XRESNET_GROUPS)
-  norms = optim.norm_mask(model, params)
-  tx = optim.fastai_optimizer(labels, {g: 1e-2 for g in XRESNET_GROUPS}, frozen=['stem', 'body'], train_mask=norms)
-  trainable = optim.trainable_mask(labels, ['stem', 'body'], norms)
+  tx = optim.fastai_optimizer(labels, {g: 1e-2 for g in XRESNET_GROUPS}, frozen=['stem', 'body'],
+                              train_mask=optim.norm_mask(model, params))
   rng = np.random.default_rng(0)
   batch = (jnp.asarray(rng.standard_normal((4, 12, 12, 1)), jnp.float32), jnp.asarray([0, 1, 2, 1]))
-  after = {}
-  for mask in (None, trainable):
-    state = init_train_state(model, tx)
-    step = make_train_step(model, _loss, tx, trainable=mask)
-    after[mask is None] = step(state, batch, jax.random.key(0), None)[0].params
-  # Skipping the frozen gradients changes nothing that trains (same arithmetic, fewer ops).
-  jax.tree.map(np.testing.assert_array_equal, after[True], after[False])
-  moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), after[False], params)
+  step, state, frozen_flops = _compiled(model, tx, batch)
+  after = step(state, batch, jax.random.key(0), None)[0].params
+  moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), after, params)
   for path, did_move in jax.tree_util.tree_leaves_with_path(moved):
     name = optim.path_str(path)
-    frozen = name.startswith('body/') and '/bn/' not in name
-    assert did_move != frozen, name
-  assert sum(jax.tree.leaves(jax.tree.map(lambda m, t: m and not t, moved, trainable))) == 0
+    assert did_move != (name.startswith('body/') and '/bn/' not in name), name
+  # The frozen weights' gradients feed nothing, so XLA drops them and the frozen step does
+  # less work than the unfrozen one (xresnet18's body at 28x28: 9.0 against 13.5 GFLOP).
+  unfrozen_flops = _compiled(model, optim.fastai_optimizer(labels, {g: 1e-2 for g in XRESNET_GROUPS}), batch)[2]
+  assert frozen_flops < 0.85 * unfrozen_flops, (frozen_flops, unfrozen_flops)
 
 
 def test_frozen_group_kept_training_needs_a_learning_rate():

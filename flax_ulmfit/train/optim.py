@@ -3,9 +3,9 @@
 The pieces: `fastai_adam` (one transformation, lr and momentum schedulable through
 `optax.inject_hyperparams`), `label_params` (path rules -> group names),
 `discriminative_lrs` (fastai's `slice(lo, hi)`), `is_norm_layer` / `norm_mask` (what
-`train_bn=True` keeps training), `bn_bias_mask` (what `wd_bn_bias=False` exempts),
-`trainable_mask` and `fastai_optimizer`, which chains freezing, clipping and one Adam per
-group with `optax.multi_transform`. `carry_state` moves per-parameter state between stages.
+`train_bn=True` keeps training), `bn_bias_mask` (what `wd_bn_bias=False` exempts), and
+`fastai_optimizer`, which chains freezing, clipping and one Adam per group with
+`optax.multi_transform`. `carry_state` moves per-parameter state between stages.
 """
 from __future__ import annotations
 
@@ -173,17 +173,6 @@ def bn_bias_mask(model: nnx.Module, params: Any) -> Any:
                                           norm_mask(model, params))
 
 
-def trainable_mask(labels: Any, frozen: Sequence[str] = (), train_mask: Any = None) -> Any:
-  """True for the parameters `fastai_optimizer(labels, ..., frozen=frozen, train_mask=train_mask)` updates.
-
-  Hand it to `make_train_step(..., trainable=...)` so the frozen parameters' gradients are
-  never computed.
-  """
-  if train_mask is None:
-    return jax.tree.map(lambda g: g not in frozen, labels)
-  return jax.tree.map(lambda g, keep: g not in frozen or bool(keep), labels, train_mask)
-
-
 def fastai_optimizer(labels: Any, lrs: Mapping[str, float | optax.Schedule], *,
                      mom: float | optax.Schedule = 0.9, sqr_mom: float = 0.99, eps: float = 1e-5,
                      wd: float = 0.01, wd_mask: Any = None, frozen: Sequence[str] = (),
@@ -197,7 +186,8 @@ def fastai_optimizer(labels: Any, lrs: Mapping[str, float | optax.Schedule], *,
     wd_mask: pytree of bools, True where weight decay applies (fastai's default exempts
       `bn_bias_mask`, i.e. pass `jax.tree.map(lambda b: not b, bn_bias_mask(model, params))`).
     frozen: groups whose parameters do not move (`optax.set_to_zero()`); the one freezing
-      mechanism for every model (fastai's `freeze_to`).
+      mechanism for every model (fastai's `freeze_to`). Their gradients are then unused, so
+      XLA never computes them: a frozen body costs no weight-gradient work.
     train_mask: pytree of bools, True for parameters trained even inside a frozen group,
       with that group's learning rate (fastai's `train_bn=True`: pass `norm_mask`).
     clip_norm: if set, `optax.clip_by_global_norm(clip_norm)` over the trainable gradients.
@@ -212,7 +202,9 @@ def fastai_optimizer(labels: Any, lrs: Mapping[str, float | optax.Schedule], *,
   unknown = sorted(set(frozen) - groups)
   if unknown:
     raise ValueError(f'fastai_optimizer: frozen groups {unknown} are not among the labels {sorted(groups)}')
-  effective = jax.tree.map(lambda g, train: g if train else FROZEN, labels, trainable_mask(labels, frozen, train_mask))
+  if train_mask is None:
+    train_mask = jax.tree.map(lambda _: False, labels)
+  effective = jax.tree.map(lambda g, keep: g if g not in frozen or keep else FROZEN, labels, train_mask)
   present = set(jax.tree.leaves(effective))
   missing = sorted(present - {FROZEN} - set(lrs))
   if missing:

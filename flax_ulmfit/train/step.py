@@ -42,7 +42,7 @@ def _mean_over_devices(tree):
 
 
 def make_train_step(model: nnx.Module, loss_fn: LossFn, tx: optax.GradientTransformation,
-                    mesh: Mesh | None = None, trainable: Any = None) -> Callable:
+                    mesh: Mesh | None = None) -> Callable:
   """Returns `step(state, batch, rng, carry) -> (state, carry, metrics)`, jitted, `state` donated.
 
   `model` is put in train mode and split once; the step merges the graph with the state
@@ -53,10 +53,6 @@ def make_train_step(model: nnx.Module, loss_fn: LossFn, tx: optax.GradientTransf
   With `mesh` (`parallel.data_mesh()`), the step is data-parallel: place `state` with
   `parallel.replicate` and `batch` and `carry` with `parallel.shard_batch`; each device
   draws its own randomness, and gradients, metrics and BatchNorm statistics are averaged.
-
-  With `trainable` (a pytree of bools like the params, e.g. `optim.trainable_mask`), the
-  parameters marked False enter the loss through `jax.lax.stop_gradient`: their gradients
-  are zeros that are never computed (a frozen body's weight gradients cost nothing).
   """
   model.train()
   graphdef = nnx.graphdef(model)
@@ -67,8 +63,6 @@ def make_train_step(model: nnx.Module, loss_fn: LossFn, tx: optax.GradientTransf
       rng = jax.random.fold_in(rng, jax.lax.axis_index(DATA_AXIS))
 
     def objective(params):
-      if trainable is not None:
-        params = jax.tree.map(lambda p, train: p if train else jax.lax.stop_gradient(p), params, trainable)
       module = nnx.merge(graphdef, params, state.rest, copy=True)
       loss, (new_carry, metrics) = loss_fn(module, batch, rng, carry)
       _, _, rest = nnx.split(module, nnx.Param, ...)

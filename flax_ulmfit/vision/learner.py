@@ -97,8 +97,8 @@ class VisionLearner:
   Owns the model's weights between stages; every `fit_one_cycle` starts a fresh optimizer
   state (fastai clears it on `freeze`/`unfreeze`, the only way `fine_tune` changes stage).
   Parameter groups come from `splitter`; freezing the first groups leaves their norm layers
-  training (fastai's `train_bn=True`), and their gradients are never computed otherwise;
-  biases and norm layers get no weight decay (`wd_bn_bias=False`).
+  training (fastai's `train_bn=True`), and XLA skips the frozen weights' gradients; biases
+  and norm layers get no weight decay (`wd_bn_bias=False`).
 
   Args:
     model: an image classifier (`XResNet`, `CNNModel`), built with the policy's dtype.
@@ -163,11 +163,10 @@ class VisionLearner:
     `name` tells this stage's log and plot files apart (`log-<name>.csv`).
     """
     tx = self._optimizer(n_epoch * len(self.train_dl), lr_max, div, div_final, pct_start, moms)
-    trainable = optim.trainable_mask(self.labels, self.frozen, self.norms)
     state = init_train_state(self.model, tx)
     if self.mesh is not None:
       state = parallel.replicate(state, self.mesh)
-    step = make_train_step(self.model, self.loss_fn, tx, mesh=self.mesh, trainable=trainable)
+    step = make_train_step(self.model, self.loss_fn, tx, mesh=self.mesh)
     first_epoch = self.epochs_done
     suffix = f'-{name}' if name else ''
     files = {} if self.out is None else {'log_path': self.out / f'log{suffix}.csv',
