@@ -3,10 +3,12 @@
 fastai's recipe: xresnet18 with c_in from the data, batches of 64 normalised with the
 training set's statistics and lightly augmented (random crop with padding), mixup (alpha
 0.4) around label smoothing, Adam with one-cycle at 1e-2 for 5 epochs. With `--pretrained`,
-fastai's `fine_tune`: the pretrained body under a new concat-pool head, one epoch frozen
-(BatchNorm trains), then everything at discriminative rates. Prints a table per epoch;
-writes the log, plots and the weights (fastai state_dict names, .npz) to --out; the last
-line is `accuracy=<validation accuracy>`.
+fastai's `fine_tune`: the pretrained body under a new concat-pool head, inputs normalised
+with the statistics it was trained with (as fastai's `vision_learner` does), one epoch
+frozen (BatchNorm trains), then everything at discriminative rates. Prints a table per epoch;
+writes to --out the log and plots of each stage, `best.npz` (the state of the epoch with
+the lowest validation loss so far, rewritten as training goes) and at the end `model.npz`
+(fastai state_dict names); the last line is `accuracy=<validation accuracy>`.
 
   python scripts/train_xresnet.py                                 # MNIST 5k: 4,000 train / 1,000 valid
   python scripts/train_xresnet.py --data digits --size 28 --train-size 200 \\
@@ -98,34 +100,35 @@ def main(args) -> list[dict]:
   from flax_ulmfit import parallel
   from flax_ulmfit.models.transfer import create_cnn_model
   from flax_ulmfit.train import precision
+  from flax_ulmfit.train.loop import SaveBest
   from flax_ulmfit.vision.data import ImageLoader
   from flax_ulmfit.vision.learner import ARCHS, VisionLearner, load_xresnet, save_xresnet
 
   train, valid = read_data(args)
-  train_dl = ImageLoader(train, args.bs, seed=args.seed, crop_pad=args.crop_pad, flip=args.flip,
-                         drop_last=len(train.labels) >= args.bs)
-  valid_dl = ImageLoader(valid, args.bs, shuffle=False, stats=train_dl.stats)
   c_in, classes = train.images.shape[-1], train.classes
-  print(f'{len(train.labels)} train / {len(valid.labels)} valid images of {train.images.shape[1:]} (HWC), '
-        f'{len(classes)} classes, {len(train_dl)} batches of {args.bs} per epoch', flush=True)
-
   dtype = precision.get_policy(args.precision).compute_dtype
   rngs = nnx.Rngs(jax.random.key(args.seed, impl='rbg'))
+  stats = None
   if args.pretrained is not None:
     pretrained, meta = load_xresnet(args.pretrained, dtype=dtype)
     if meta['c_in'] != c_in:
       raise SystemExit(f'train_xresnet: {args.pretrained} was trained on {meta["c_in"]}-channel images, these have '
                        f'{c_in}')
-    model = create_cnn_model(pretrained, len(classes), dtype=dtype, rngs=rngs)
-    arch = meta['arch']
-    print(f'fine-tuning the {arch} body of {args.pretrained} ({len(meta["classes"])} classes) under a new head')
+    model, arch, stats = create_cnn_model(pretrained, len(classes), dtype=dtype, rngs=rngs), meta['arch'], meta['stats']
+    print(f'fine-tuning the {arch} body of {args.pretrained} ({len(meta["classes"])} classes) under a new head, '
+          f'inputs normalised with its statistics')
   else:
     arch = args.arch
     model = ARCHS[arch](c_in=c_in, n_out=len(classes), dtype=dtype, rngs=rngs)
+  train_dl = ImageLoader(train, args.bs, seed=args.seed, crop_pad=args.crop_pad, flip=args.flip, stats=stats,
+                         drop_last=len(train.labels) >= args.bs)
+  valid_dl = ImageLoader(valid, args.bs, shuffle=False, stats=train_dl.stats)
+  print(f'{len(train.labels)} train / {len(valid.labels)} valid images of {train.images.shape[1:]} (HWC), '
+        f'{len(classes)} classes, {len(train_dl)} batches of {args.bs} per epoch', flush=True)
   mesh = parallel.data_mesh() if args.devices > 1 else None
   learn = VisionLearner(model, train_dl, valid_dl, mixup_alpha=args.mixup or None, ls_eps=args.ls_eps, wd=args.wd,
                         policy=args.precision, mesh=mesh, seed=args.seed, out=args.out,
-                        progress=not args.no_progress)
+                        callbacks=[SaveBest(args.out / 'best.npz')], progress=not args.no_progress)
   if args.pretrained is not None:
     history = learn.fine_tune(args.epochs, args.lr or 2e-3, freeze_epochs=args.freeze_epochs)
   else:

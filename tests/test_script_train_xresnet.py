@@ -37,7 +37,7 @@ def test_train_then_fine_tune_writes_consistent_outputs(tmp_path):
   assert _accuracy(result) == round(float(rows[-1]['valid_accuracy']), 4)
   assert _accuracy(result) > 0.2  # 10 classes: chance is 0.1
   assert float(rows[-1]['valid_loss']) < float(rows[0]['valid_loss'])
-  assert (out / 'losses.png').stat().st_size > 0
+  assert (out / 'losses.png').stat().st_size > 0 and (out / 'best.npz').is_file()
   model, meta = load_xresnet(out / 'model.npz')
   assert (meta['arch'], meta['c_in'], meta['head'], meta['classes']) == ('xresnet18', 1, 'xresnet', list('0123456789'))
   assert np.asarray(model.linear.kernel[...]).shape == (512, 10)

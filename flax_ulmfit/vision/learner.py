@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from flax_ulmfit import checkpoint, parallel
@@ -28,7 +29,7 @@ from flax_ulmfit.train.losses import cross_entropy, label_smoothing_cross_entrop
 from flax_ulmfit.train.loop import Callback, fit
 from flax_ulmfit.train.mixup import Mix, mix_inputs, mixup_loss, sample_mix
 from flax_ulmfit.train.step import init_train_state, make_eval_step, make_train_step, update_model
-from flax_ulmfit.vision.data import PAD_LABEL, ImageLoader
+from flax_ulmfit.vision.data import PAD_LABEL, ImageLoader, Stats
 
 XRESNET_GROUPS = ('stem', 'body', 'head')  # fastai's order: the first groups freeze first
 
@@ -196,7 +197,7 @@ ARCHS = {'xresnet18': xresnet18, 'xresnet34': xresnet34, 'xresnet50': xresnet50,
 
 
 def save_xresnet(path: str | os.PathLike, model: XResNet | CNNModel, arch: str, classes: Sequence[str],
-                 stats) -> None:
+                 stats: Stats) -> None:
   """Weights under fastai's state_dict names (.npz, atomic) with what rebuilding the model needs:
   arch, c_in, whether the head is XResNet's own or a transfer head, classes and the
   normalisation statistics."""
@@ -206,9 +207,10 @@ def save_xresnet(path: str | os.PathLike, model: XResNet | CNNModel, arch: str, 
 
 
 def load_xresnet(path: str | os.PathLike, *, dtype=None, conv_impl: str = 'auto') -> tuple[XResNet | CNNModel, dict]:
-  """The model `save_xresnet` wrote (an `XResNet`, or a `CNNModel` with fastai's default head), and its metadata."""
+  """The model `save_xresnet` wrote (an `XResNet`, or a `CNNModel` with fastai's default head), and its
+  metadata (`meta['stats']` as `Stats`: normalise new data with them, as fastai does for a pretrained model)."""
   meta = checkpoint.metadata(path)
-  missing = sorted({'arch', 'c_in', 'head', 'classes'} - set(meta))
+  missing = sorted({'arch', 'c_in', 'head', 'classes', 'stats'} - set(meta))
   if missing or meta['arch'] not in ARCHS or meta['head'] not in ('xresnet', 'transfer'):
     raise ValueError(f'load_xresnet: {str(path)!r} was not written by save_xresnet (its metadata lacks {missing} '
                      f'or names an unknown arch or head: {meta.get("arch")!r}, {meta.get("head")!r})')
@@ -218,4 +220,5 @@ def load_xresnet(path: str | os.PathLike, *, dtype=None, conv_impl: str = 'auto'
   if meta['head'] == 'transfer':
     model = create_cnn_model(model, n_out, dtype=dtype, rngs=rngs)
   state_dict, _ = checkpoint.load(path, xresnet_to_torch(model))
+  meta['stats'] = Stats(*(np.asarray(meta['stats'][k], np.float32) for k in ('mean', 'std')))
   return xresnet_to_flax(state_dict, model), meta
