@@ -138,8 +138,7 @@ def _open_image(path: Path):
   from PIL import Image, UnidentifiedImageError
   try:
     with Image.open(path) as image:
-      image.load()
-      return image
+      return image.copy()  # decoded in memory, the file closed
   except (UnidentifiedImageError, OSError, SyntaxError) as err:
     raise ValueError(f'image_folder: cannot read image {str(path)!r} ({err}); remove or replace it') from err
 
