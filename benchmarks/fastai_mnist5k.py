@@ -1,0 +1,47 @@
+"""fastai 2.8 on the MNIST 5k split and normalisation of scripts/train_xresnet.py (no crop), for comparison.
+
+Runs in fastai's own environment, not the project's (it needs fastai and torch; it reads the
+split through `flax_ulmfit.vision`, which needs only numpy):
+
+  PYTHONPATH=. /tmp/fastai-venv/bin/python benchmarks/fastai_mnist5k.py [seed]
+
+`Learner(dls, xresnet18(c_in=1, n_out=10), loss_func=LabelSmoothingCrossEntropy(),
+cbs=MixUp(0.4))`, `fit_one_cycle(5, 1e-2)`, bs 64, the training loader shuffled with
+drop_last as fastai's is. Prints the accuracy and images/s (validation included).
+"""
+import sys
+import time
+
+import numpy as np
+import torch
+from fastai.data.load import DataLoader
+from fastai.vision.all import (DataLoaders, LabelSmoothingCrossEntropy, Learner, MixUp, accuracy, set_seed,
+                               xresnet18)  # fastai.vision.all also patches in fit_one_cycle and no_bar
+
+from flax_ulmfit.vision.data import channel_stats
+from flax_ulmfit.vision.datasets import mnist_5k_split
+
+
+def main(seed: int) -> None:
+  torch.set_num_threads(2)
+  set_seed(seed, reproducible=True)
+  train, valid = mnist_5k_split(seed)
+  stats = channel_stats(train.images)
+
+  def samples(images):
+    x = torch.from_numpy(((images.images - stats.mean) / stats.std).transpose(0, 3, 1, 2).copy())
+    return list(zip(x, torch.from_numpy(images.labels.astype(np.int64))))
+
+  dls = DataLoaders(DataLoader(samples(train), bs=64, shuffle=True, drop_last=True), DataLoader(samples(valid), bs=64))
+  learn = Learner(dls, xresnet18(c_in=1, n_out=10), loss_func=LabelSmoothingCrossEntropy(), metrics=accuracy,
+                  cbs=MixUp(0.4))
+  start = time.time()
+  with learn.no_bar():
+    learn.fit_one_cycle(5, 1e-2)
+  seconds = time.time() - start
+  print(f'fastai seed {seed}: {5 * len(dls.train) * 64 / seconds:.0f} images/s (validation included)')
+  print(f'accuracy={float(learn.recorder.values[-1][2]):.4f}')
+
+
+if __name__ == '__main__':
+  main(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
