@@ -9,17 +9,21 @@ split through `flax_ulmfit.vision`, which needs only numpy):
 cbs=MixUp(0.4))`, `fit_one_cycle(5, 1e-2)`, bs 64, the training loader shuffled with
 drop_last as fastai's is. Prints the accuracy and images/s (validation included).
 """
+import os
+import statistics
 import sys
 import time
 
-import numpy as np
-import torch
-from fastai.data.load import DataLoader
-from fastai.vision.all import (DataLoaders, LabelSmoothingCrossEntropy, Learner, MixUp, accuracy, set_seed,
-                               xresnet18)  # fastai.vision.all also patches in fit_one_cycle and no_bar
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # as benchmarks/xresnet_step.py: no spinning threads under load
 
-from flax_ulmfit.vision.data import channel_stats
-from flax_ulmfit.vision.datasets import mnist_5k_split
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from fastai.data.load import DataLoader  # noqa: E402
+from fastai.vision.all import (DataLoaders, LabelSmoothingCrossEntropy, Learner, MixUp, accuracy, set_seed,
+                               xresnet18)  # noqa: E402  (fastai.vision.all also patches in fit_one_cycle, no_bar)
+
+from flax_ulmfit.vision.data import channel_stats  # noqa: E402
+from flax_ulmfit.vision.datasets import mnist_5k_split  # noqa: E402
 
 
 def main(seed: int) -> None:
@@ -39,7 +43,11 @@ def main(seed: int) -> None:
   with learn.no_bar():
     learn.fit_one_cycle(5, 1e-2)
   seconds = time.time() - start
-  print(f'fastai seed {seed}: {5 * len(dls.train) * 64 / seconds:.0f} images/s (validation included)')
+  epochs = [sum(float(part) * 60 ** i for i, part in enumerate(reversed(str(row[-1]).split(':'))))
+            for row in learn.recorder.values]  # the table's time column, [h:]mm:ss
+  print(f'fastai seed {seed}: {len(dls.train) * 64 / statistics.median(epochs[1:]):.0f} train images/s '
+        f'(median epoch after the first, validation included, as scripts/train_xresnet.py reports); '
+        f'{5 * len(dls.train) * 64 / seconds:.0f} over the whole fit')
   print(f'accuracy={float(learn.recorder.values[-1][2]):.4f}')
 
 

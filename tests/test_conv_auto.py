@@ -33,17 +33,21 @@ def _convolutions(fn, *args) -> list[str]:
   return re.findall(r'= (\S+) convolution\(', jax.jit(fn).lower(*args).compile().as_text())
 
 
-@pytest.mark.parametrize('size,stride', [(2, 1), (4, 2), (9, 1), (9, 2)])
-def test_auto_matches_im2col_and_keeps_small_outputs_off_xla_convolution(size, stride):
+@pytest.mark.parametrize('size,stride', [(1, 1), (2, 2), (2, 1), (4, 2), (9, 1), (9, 2)])
+def test_auto_and_im2col_match_xla_and_keep_small_outputs_off_its_convolution(size, stride):
+  """Also covers im2col's dropped taps: on a 1x1 map only the centre tap meets real pixels,
+  on 2x2 -> 1x1 (stride 2) four of the nine."""
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((4, size, size, 16)), jnp.float32)
   k = jnp.asarray(rng.standard_normal((3, 3, 16, 8)) * 0.1, jnp.float32)
   w = jnp.asarray(rng.standard_normal((4, (size - 1) // stride + 1, (size - 1) // stride + 1, 8)), jnp.float32)
   grads = {impl: jax.grad(lambda x, k, impl=impl: (conv2d(x, k, stride, 1, impl) * w).sum(), argnums=(0, 1))
-           for impl in ('auto', 'im2col')}
+           for impl in ('auto', 'im2col', 'xla')}
   with jax.default_matmul_precision('highest'):
-    for got, want in zip(grads['auto'](x, k), grads['im2col'](x, k)):
-      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)  # fp32 sums of 144 products
+    want = grads['xla'](x, k)
+    for impl in ('auto', 'im2col'):
+      for got, expected in zip(grads[impl](x, k), want):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)  # fp32 sums of 144 products
   if w.shape[1] < 3:
     assert _convolutions(grads['auto'], x, k) == []
   assert _convolutions(jax.grad(lambda x: max_pool(x, 3, 2, 1).sum()), x) == []

@@ -34,13 +34,23 @@ def resolve_conv_impl(impl: str, out_hw: tuple[int, int] | None = None, ks: int 
   return 'xla' if out_hw is not None and ks > 1 and min(out_hw) >= ks else 'im2col'
 
 
-def _windows(x: jax.Array, ks: int, stride: int, out_hw: tuple[int, int]):
-  """Yields the ks*ks strided (N, Ho, Wo, C) slices of padded `x`, row-major over the window."""
+def _window(x: jax.Array, i: int, j: int, stride: int, out_hw: tuple[int, int]) -> jax.Array:
+  """The strided (N, Ho, Wo, C) slice of padded `x` that kernel tap (i, j) multiplies."""
   ho, wo = out_hw
+  return lax.slice(x, (0, i, j, 0), (x.shape[0], i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, x.shape[3]),
+                   (1, stride, stride, 1))
+
+
+def _windows(x: jax.Array, ks: int, stride: int, out_hw: tuple[int, int]):
+  """Yields the ks*ks windows of padded `x`, row-major over the kernel."""
   for i in range(ks):
     for j in range(ks):
-      yield lax.slice(x, (0, i, j, 0), (x.shape[0], i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1,
-                                        x.shape[3]), (1, stride, stride, 1))
+      yield _window(x, i, j, stride, out_hw)
+
+
+def _reaches_input(tap: int, size: int, out: int, stride: int, padding: int) -> bool:
+  """Whether kernel offset `tap` reads a real (not padding) row for some output position."""
+  return any(0 <= o * stride + tap - padding < size for o in range(out))
 
 
 def _out_size(size: int, ks: int, stride: int, padding: int) -> int:
@@ -48,17 +58,25 @@ def _out_size(size: int, ks: int, stride: int, padding: int) -> int:
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int, impl: str = 'auto') -> jax.Array:
-  """Convolution of (N, H, W, Cin) `x` with a (k, k, Cin, Cout) HWIO `kernel`, torch semantics."""
+  """Convolution of (N, H, W, Cin) `x` with a (k, k, Cin, Cout) HWIO `kernel`, torch semantics.
+
+  im2col leaves out the kernel taps that only ever meet padding (on small maps: a 3x3 conv
+  on a 1x1 map is its centre tap alone), so they cost neither patches nor FLOPs.
+  """
   ks = kernel.shape[0]
   out_hw = (_out_size(x.shape[1], ks, stride, padding), _out_size(x.shape[2], ks, stride, padding))
   if resolve_conv_impl(impl, out_hw, ks) == 'xla':
     return lax.conv_general_dilated(x, kernel, (stride, stride), [(padding, padding)] * 2,
                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  taps = [(i, j) for i in range(ks) if _reaches_input(i, x.shape[1], out_hw[0], stride, padding)
+          for j in range(ks) if _reaches_input(j, x.shape[2], out_hw[1], stride, padding)]
   if padding:
     x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  patches = list(_windows(x, ks, stride, out_hw))
+  patches = [_window(x, i, j, stride, out_hw) for i, j in taps]
   patches = patches[0] if len(patches) == 1 else jnp.concatenate(patches, axis=-1)
-  return jnp.dot(patches, kernel.reshape(-1, kernel.shape[-1]))
+  weights = (kernel.reshape(-1, kernel.shape[-1]) if len(taps) == ks * ks
+             else jnp.concatenate([kernel[i, j] for i, j in taps], axis=0))
+  return jnp.dot(patches, weights)
 
 
 def max_pool(x: jax.Array, ks: int, stride: int, padding: int, impl: str = 'auto') -> jax.Array:
