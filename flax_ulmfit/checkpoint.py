@@ -48,6 +48,28 @@ def save(path: str | os.PathLike, tree: Any, metadata: dict | None = None) -> No
     np.savez(f, **arrays, **{_META: np.array(meta)})
 
 
+def _read(path: str | os.PathLike, who: str) -> tuple[dict[str, np.ndarray], dict]:
+  """The arrays and the metadata record of the checkpoint at `path`, validated as a file."""
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f'checkpoint.{who}: no checkpoint at {str(path)!r}; check the path '
+                            '(checkpoint.save writes .npz files)')
+  try:
+    with np.load(path, allow_pickle=False) as npz:
+      stored = {k: npz[k] for k in npz.files}
+  except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
+    raise ValueError(f'checkpoint.{who}: {str(path)!r} is not a readable checkpoint ({err}); '
+                     'it may be truncated or not written by checkpoint.save: re-save it') from err
+  if _META not in stored:
+    raise ValueError(f'checkpoint.{who}: {str(path)!r} has no {_META!r} entry; it was not written by checkpoint.save')
+  return stored, json.loads(str(stored.pop(_META)))
+
+
+def metadata(path: str | os.PathLike) -> dict:
+  """The `metadata` a checkpoint was saved with (e.g. to build the model before `load`)."""
+  return _read(path, 'metadata')[1]['user']
+
+
 def load(path: str | os.PathLike, like: Any, allow_nonfinite: bool = False) -> tuple[Any, dict]:
   """Loads a checkpoint into the structure of `like`; returns `(tree, metadata)`.
 
@@ -58,18 +80,7 @@ def load(path: str | os.PathLike, like: Any, allow_nonfinite: bool = False) -> t
     KeyError: entries are missing or unexpected (all of them named).
   """
   path = Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f'checkpoint.load: no checkpoint at {str(path)!r}; check the path '
-                            '(checkpoint.save writes .npz files)')
-  try:
-    with np.load(path, allow_pickle=False) as npz:
-      stored = {k: npz[k] for k in npz.files}
-  except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
-    raise ValueError(f'checkpoint.load: {str(path)!r} is not a readable checkpoint ({err}); '
-                     'it may be truncated or not written by checkpoint.save: re-save it') from err
-  if _META not in stored:
-    raise ValueError(f'checkpoint.load: {str(path)!r} has no {_META!r} entry; it was not written by checkpoint.save')
-  meta = json.loads(str(stored.pop(_META)))
+  stored, meta = _read(path, 'load')
   template = _entries(like)
   missing, extra = sorted(set(template) - set(stored)), sorted(set(stored) - set(template))
   if missing or extra:

@@ -16,8 +16,7 @@ from flax import nnx
 
 from flax_ulmfit import ulmfit
 from flax_ulmfit.interop import fastai_files, flax_to_torch
-from flax_ulmfit.models import AWDLSTM, LanguageModel
-from flax_ulmfit.models.batchnorm import BatchNorm
+from flax_ulmfit.models import LanguageModel, TextClassifier
 from flax_ulmfit.train import optim
 
 TINY = dict(emb_sz=4, n_hid=6, n_layers=3)
@@ -83,32 +82,17 @@ def test_weight_decay_spares_the_decoder_bias_but_not_lstm_biases():
   assert {'encoder/encoder', 'encoder/rnns/0/bias_ih', 'encoder/rnns/2/bias_hh'} <= decayed
 
 
-class _Wrapped(nnx.Module):
-  def __init__(self, module):
-    self.module = module
-
-
-class _Head(nnx.Module):
-  def __init__(self, norm, rngs):
-    self.bn, self.linear = norm, nnx.Linear(12, 5, use_bias=False, rngs=rngs)
-
-
-class ClassifierPaths(nnx.Module):
-  """The classifier's agreed parameter paths: encoder/module/encoder, encoder/module/rnns/{l}, head."""
-
-  def __init__(self, norm_cls=nnx.BatchNorm):
-    rngs = nnx.Rngs(0)
-    self.encoder = _Wrapped(AWDLSTM(len(VOCAB), 4, 6, 3, rngs=rngs))
-    self.head = _Head(norm_cls(12, rngs=rngs), rngs)
+def tiny_clf():
+  return TextClassifier(len(VOCAB), 5, TINY, rngs=nnx.Rngs(0))
 
 
 def test_classifier_split_and_gradual_unfreezing_stages():
-  clf, split = ClassifierPaths(), ulmfit.awd_lstm_clas_split(3)
+  clf, split = tiny_clf(), ulmfit.awd_lstm_clas_split(3)
   assert split.groups == ('embeds', 'rnn0', 'rnn1', 'rnn2', 'head')
   labels = groups_of(optim.label_params(nnx.state(clf, nnx.Param), split.rules))
   assert labels['encoder/module/encoder'] == 'embeds'
   assert labels['encoder/module/rnns/1/weight_hh'] == 'rnn1'
-  assert {labels[k] for k in ('head/bn/scale', 'head/bn/bias', 'head/linear/kernel')} == {'head'}
+  assert {g for k, g in labels.items() if k.startswith('head/')} == {'head'}
   trained = []
   for stage, tx in ulmfit.stage_optimizers(clf, split, ulmfit.CLASSIFIER, steps_per_epoch=3):
     trained.append(sorted({labels[k] for k, m in moved(clf, tx).items() if m}))
@@ -122,17 +106,12 @@ def test_classifier_split_and_gradual_unfreezing_stages():
   assert trained == [['head'], ['head', 'rnn2'], ['head', 'rnn1', 'rnn2'], ['embeds', 'head', 'rnn0', 'rnn1', 'rnn2']]
 
 
-@pytest.mark.parametrize('norm_cls', [
-    nnx.BatchNorm,
-    pytest.param(BatchNorm, marks=pytest.mark.xfail(
-        strict=True, reason="optim.bn_bias_mask's norm rule does not know models.batchnorm.BatchNorm yet "
-                            "(the vision branch makes it structural); remove this mark when it does"))],
-    ids=['nnx.BatchNorm', 'models.batchnorm.BatchNorm'])
-def test_classifier_head_batchnorm_is_exempt_from_weight_decay(norm_cls):
-  clf = ClassifierPaths(norm_cls)
+def test_classifier_head_batchnorm_is_exempt_from_weight_decay():
+  clf = tiny_clf()
   (_, tx), *_ = ulmfit.stage_optimizers(clf, ulmfit.awd_lstm_clas_split(3), ulmfit.CLASSIFIER, steps_per_epoch=1)
   decayed = {k for k, m in moved(clf, tx, grads_value=0.0).items() if m}
-  assert decayed == {'head/linear/kernel'}  # frozen encoder: no update at all; BN exempt
+  # frozen encoder: no update at all; the head's BatchNorms are exempt, its linear kernels decay
+  assert decayed == {'head/layers/0/linear/kernel', 'head/layers/1/linear/kernel'}
 
 
 def test_stage_optimizers_refuses_a_split_that_does_not_fit_the_model():

@@ -14,6 +14,7 @@ class BatchNorm(nnx.Module):
   variance while normalisation uses the biased one; `num_batches_tracked` counts updates.
   Statistics and normalisation run in fp32; the output keeps the input's dtype.
   """
+  is_norm_layer = True  # the marker `train.optim.is_norm_layer` reads (fastai's norm_types)
 
   def __init__(self, num_features: int, *, momentum: float = 0.1, epsilon: float = 1e-5,
                scale_init: float = 1.0, use_running_average: bool = False, rngs: nnx.Rngs | None = None):

@@ -1,10 +1,13 @@
 """Swappable convolution and pooling formulations for NHWC images (torch's padding semantics).
 
 `impl='xla'` uses `lax.conv_general_dilated` / `lax.reduce_window` (right on GPU/TPU);
-`impl='im2col'` writes each op as k*k strided slices (plus one matmul for a conv), which
-XLA's CPU backend runs several times faster than its convolution. `impl='auto'` picks
-im2col on CPU and xla elsewhere. Padding is symmetric like torch's `padding=p`, never
-Flax's 'SAME' (which pads asymmetrically for stride 2).
+`impl='im2col'` writes each op as k*k strided slices (plus one matmul for a conv).
+`impl='auto'` picks xla on GPU/TPU; on CPU, per layer, xla (XLA hands the convolution and
+both its gradients to YNNPACK) where the output is at least as large as the kernel, and
+im2col where it is smaller (XLA's CPU compiler then swaps image and kernel and runs a slow
+generic loop) and for pooling (XLA's max-pool gradient is a slow select-and-scatter).
+docs/performance-vision.md has the measurements. Padding is symmetric like torch's
+`padding=p`, never Flax's 'SAME' (which pads asymmetrically for stride 2).
 """
 from __future__ import annotations
 
@@ -16,22 +19,38 @@ from jax import lax
 CONV_IMPLS = ('auto', 'im2col', 'xla')
 
 
-def resolve_conv_impl(impl: str) -> str:
-  """Returns 'im2col' or 'xla' for `impl` in CONV_IMPLS ('auto': im2col on CPU, xla elsewhere)."""
+def resolve_conv_impl(impl: str, out_hw: tuple[int, int] | None = None, ks: int | None = None) -> str:
+  """Returns 'im2col' or 'xla' for `impl` in CONV_IMPLS.
+
+  'auto' gives xla off CPU; on CPU, xla for a convolution whose output (`out_hw`) is at
+  least its kernel size `ks` (> 1), im2col otherwise and for pooling (`out_hw` None).
+  """
   if impl not in CONV_IMPLS:
     raise ValueError(f'conv_impl must be one of {CONV_IMPLS}, got {impl=!r}')
-  if impl == 'auto':
-    return 'im2col' if jax.default_backend() == 'cpu' else 'xla'
-  return impl
+  if impl != 'auto':
+    return impl
+  if jax.default_backend() != 'cpu':
+    return 'xla'
+  return 'xla' if out_hw is not None and ks > 1 and min(out_hw) >= ks else 'im2col'
+
+
+def _window(x: jax.Array, i: int, j: int, stride: int, out_hw: tuple[int, int]) -> jax.Array:
+  """The strided (N, Ho, Wo, C) slice of padded `x` that kernel tap (i, j) multiplies."""
+  ho, wo = out_hw
+  return lax.slice(x, (0, i, j, 0), (x.shape[0], i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, x.shape[3]),
+                   (1, stride, stride, 1))
 
 
 def _windows(x: jax.Array, ks: int, stride: int, out_hw: tuple[int, int]):
-  """Yields the ks*ks strided (N, Ho, Wo, C) slices of padded `x`, row-major over the window."""
-  ho, wo = out_hw
+  """Yields the ks*ks windows of padded `x`, row-major over the kernel."""
   for i in range(ks):
     for j in range(ks):
-      yield lax.slice(x, (0, i, j, 0), (x.shape[0], i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1,
-                                        x.shape[3]), (1, stride, stride, 1))
+      yield _window(x, i, j, stride, out_hw)
+
+
+def _reaches_input(tap: int, size: int, out: int, stride: int, padding: int) -> bool:
+  """Whether kernel offset `tap` reads a real (not padding) row for some output position."""
+  return any(0 <= o * stride + tap - padding < size for o in range(out))
 
 
 def _out_size(size: int, ks: int, stride: int, padding: int) -> int:
@@ -39,32 +58,40 @@ def _out_size(size: int, ks: int, stride: int, padding: int) -> int:
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int, impl: str = 'auto') -> jax.Array:
-  """Convolution of (N, H, W, Cin) `x` with a (k, k, Cin, Cout) HWIO `kernel`, torch semantics."""
-  impl = resolve_conv_impl(impl)
+  """Convolution of (N, H, W, Cin) `x` with a (k, k, Cin, Cout) HWIO `kernel`, torch semantics.
+
+  im2col leaves out the kernel taps that only ever meet padding (on small maps: a 3x3 conv
+  on a 1x1 map is its centre tap alone), so they cost neither patches nor FLOPs.
+  """
   ks = kernel.shape[0]
-  if impl == 'xla':
+  out_hw = (_out_size(x.shape[1], ks, stride, padding), _out_size(x.shape[2], ks, stride, padding))
+  if resolve_conv_impl(impl, out_hw, ks) == 'xla':
     return lax.conv_general_dilated(x, kernel, (stride, stride), [(padding, padding)] * 2,
                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  out_hw = (_out_size(x.shape[1], ks, stride, padding), _out_size(x.shape[2], ks, stride, padding))
+  taps = [(i, j) for i in range(ks) if _reaches_input(i, x.shape[1], out_hw[0], stride, padding)
+          for j in range(ks) if _reaches_input(j, x.shape[2], out_hw[1], stride, padding)]
   if padding:
     x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  patches = list(_windows(x, ks, stride, out_hw))
+  patches = [_window(x, i, j, stride, out_hw) for i, j in taps]
   patches = patches[0] if len(patches) == 1 else jnp.concatenate(patches, axis=-1)
-  return jnp.dot(patches, kernel.reshape(-1, kernel.shape[-1]))
+  weights = (kernel.reshape(-1, kernel.shape[-1]) if len(taps) == ks * ks
+             else jnp.concatenate([kernel[i, j] for i, j in taps], axis=0))
+  return jnp.dot(patches, weights)
 
 
 def max_pool(x: jax.Array, ks: int, stride: int, padding: int, impl: str = 'auto') -> jax.Array:
   """torch's MaxPool2d(ks, stride, padding) on NHWC `x` (padding never wins the max)."""
-  impl = resolve_conv_impl(impl)
   pads = ((0, 0), (padding, padding), (padding, padding), (0, 0))
-  if impl == 'xla':
+  if resolve_conv_impl(impl) == 'xla':
     return lax.reduce_window(x, -jnp.inf, lax.max, (1, ks, ks, 1), (1, stride, stride, 1), pads)
   out_hw = (_out_size(x.shape[1], ks, stride, padding), _out_size(x.shape[2], ks, stride, padding))
-  x = jnp.pad(x, pads, constant_values=-jnp.inf)
+  # In fp32 whatever x's dtype (the max is exact either way): XLA's CPU backend has no bf16/fp16
+  # compare, and converted the chained maxima and their gradient at every step of the chain.
+  padded = jnp.pad(x.astype(jnp.float32), pads, constant_values=-jnp.inf)
   out = None
-  for window in _windows(x, ks, stride, out_hw):
+  for window in _windows(padded, ks, stride, out_hw):
     out = window if out is None else jnp.maximum(out, window)
-  return out
+  return out.astype(x.dtype)
 
 
 def avg_pool_ceil(x: jax.Array) -> jax.Array:

@@ -1,4 +1,7 @@
-"""Transfer learning for XResNet: cut the body, attach a new head, load pretrained weights, freeze."""
+"""Transfer learning for XResNet: cut the body, attach a new head, load pretrained weights.
+
+Freezing is the optimizer's job: parameter groups and `train.optim.fastai_optimizer(frozen=...)`.
+"""
 from __future__ import annotations
 
 import jax
@@ -37,18 +40,3 @@ def load_pretrained_body(model: CNNModel, pretrained: XResNet) -> CNNModel:
   nnx.update(model.body, nnx.state(pretrained.body))
   return model
 
-
-def _is_body_weight(path) -> bool:
-  keys = [getattr(k, 'key', getattr(k, 'idx', None)) for k in path]
-  return bool(keys) and keys[0] == 'body' and 'bn' not in keys
-
-
-def freeze_body_labels(params):
-  """Labels each leaf of `params` (e.g. `nnx.state(model, nnx.Param)`) 'frozen' or 'trainable'.
-
-  The body is frozen except its BatchNorm parameters (fastai's `train_bn=True`); the head
-  is trainable. Hand the result to `optax.multi_transform` with `optax.set_to_zero()` for
-  'frozen'. Works for `CNNModel` and `XResNet` (both keep the body under `body`).
-  """
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: 'frozen' if _is_body_weight(path) else 'trainable', params)

@@ -2,9 +2,10 @@
 
 The pieces: `fastai_adam` (one transformation, lr and momentum schedulable through
 `optax.inject_hyperparams`), `label_params` (path rules -> group names),
-`discriminative_lrs` (fastai's `slice(lo, hi)`), `bn_bias_mask` (what `wd_bn_bias=False`
-exempts), and `fastai_optimizer`, which chains freezing, clipping and one Adam per group
-with `optax.multi_transform`. A new stage builds a new optimizer and starts from its `init`:
+`discriminative_lrs` (fastai's `slice(lo, hi)`), `is_norm_layer` / `norm_mask` (what
+`train_bn=True` keeps training), `bn_bias_mask` (what `wd_bn_bias=False` exempts), and
+`fastai_optimizer`, which chains freezing, clipping and one Adam per group with
+`optax.multi_transform`. A new stage builds a new optimizer and starts from its `init`:
 fastai's `Learner.freeze_to` clears the optimizer state.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ import optax
 from flax import nnx
 
 FROZEN = 'frozen'
-NORM_LAYERS = (nnx.BatchNorm, nnx.LayerNorm, nnx.GroupNorm, nnx.RMSNorm)
+FLAX_NORM_LAYERS = (nnx.BatchNorm, nnx.LayerNorm, nnx.GroupNorm, nnx.RMSNorm)
 
 
 class ScaleByFastaiAdamState(NamedTuple):
@@ -145,16 +146,32 @@ def discriminative_lrs(lr_lo: float, lr_hi: float | None = None, n_groups: int =
   return [float(x) for x in lr_lo * (lr_hi / lr_lo) ** (np.arange(n_groups) / (n_groups - 1))]
 
 
-def bn_bias_mask(model: nnx.Module, params: Any) -> Any:
-  """True for the parameters of normalisation layers and for biases (fastai's `bn_bias_params`)."""
-  norm_prefixes = tuple('/'.join(map(str, path)) for path, module in nnx.iter_modules(model)
-                        if isinstance(module, NORM_LAYERS))
+def is_norm_layer(module: Any) -> bool:
+  """fastai's `norm_types` test: Flax's own norm layers, and any module whose class sets
+  `is_norm_layer = True` (the marker the project's norm layers carry)."""
+  return isinstance(module, FLAX_NORM_LAYERS) or getattr(type(module), 'is_norm_layer', False) is True
 
-  def is_bn_bias(path, _):
-    name = path_str(path)
-    in_norm = any(name.startswith(prefix + '/') or (prefix == '' and '/' not in name) for prefix in norm_prefixes)
-    return in_norm or name.split('/')[-1].endswith('bias')
-  return jax.tree_util.tree_map_with_path(is_bn_bias, params)
+
+def norm_mask(model: nnx.Module, params: Any) -> Any:
+  """True for the parameters of normalisation layers (`is_norm_layer`): what fastai's
+  `train_bn=True` keeps training inside frozen groups.
+
+  Args:
+    model: the module `params` came from.
+    params: a pytree of its parameters (e.g. `nnx.state(model, nnx.Param)`).
+  """
+  norm_paths = {tuple(map(str, path)) for path, module in nnx.iter_modules(model) if is_norm_layer(module)}
+
+  def in_norm(path, _):
+    names = tuple(path_str(path).split('/'))
+    return any(names[:k] in norm_paths for k in range(len(names)))
+  return jax.tree_util.tree_map_with_path(in_norm, params)
+
+
+def bn_bias_mask(model: nnx.Module, params: Any) -> Any:
+  """True for the parameters of normalisation layers and for biases (fastai's `norm_bias_params`)."""
+  return jax.tree_util.tree_map_with_path(lambda path, in_norm: in_norm or path_str(path).split('/')[-1] == 'bias',
+                                          norm_mask(model, params))
 
 
 def fastai_optimizer(labels: Any, lrs: Mapping[str, float | optax.Schedule], *,
@@ -169,9 +186,11 @@ def fastai_optimizer(labels: Any, lrs: Mapping[str, float | optax.Schedule], *,
     mom, sqr_mom, eps, wd: `fastai_adam`'s, shared by every group.
     wd_mask: pytree of bools, True where weight decay applies (fastai's default exempts
       `bn_bias_mask`, i.e. pass `jax.tree.map(lambda b: not b, bn_bias_mask(model, params))`).
-    frozen: groups whose parameters do not move (`optax.set_to_zero()`).
-    train_mask: pytree of bools, True for parameters trained even inside a frozen group
-      (fastai's `train_bn=True`: pass `bn_bias_mask`-style BatchNorm paths).
+    frozen: groups whose parameters do not move (`optax.set_to_zero()`); the one freezing
+      mechanism for every model (fastai's `freeze_to`). Their gradients are then unused, so
+      XLA never computes them: a frozen body costs no weight-gradient work.
+    train_mask: pytree of bools, True for parameters trained even inside a frozen group,
+      with that group's learning rate (fastai's `train_bn=True`: pass `norm_mask`).
     clip_norm: if set, `optax.clip_by_global_norm(clip_norm)` over the trainable gradients.
 
   Returns:
@@ -184,13 +203,14 @@ def fastai_optimizer(labels: Any, lrs: Mapping[str, float | optax.Schedule], *,
   unknown = sorted(set(frozen) - groups)
   if unknown:
     raise ValueError(f'fastai_optimizer: frozen groups {unknown} are not among the labels {sorted(groups)}')
-  missing = sorted(groups - set(lrs) - set(frozen))
-  if missing:
-    raise ValueError(f'fastai_optimizer: no learning rate for groups {missing}; lrs has {sorted(lrs)}')
   if train_mask is None:
     train_mask = jax.tree.map(lambda _: False, labels)
   effective = jax.tree.map(lambda g, keep: g if g not in frozen or keep else FROZEN, labels, train_mask)
   present = set(jax.tree.leaves(effective))
+  missing = sorted(present - {FROZEN} - set(lrs))
+  if missing:
+    raise ValueError(f'fastai_optimizer: no learning rate for groups {missing} (a frozen group needs one when '
+                     f'train_mask keeps some of its parameters training); lrs has {sorted(lrs)}')
   def group_mask(group):  # wd_mask restricted to one group, shaped like multi_transform's masked params
     if wd_mask is None:
       return None
