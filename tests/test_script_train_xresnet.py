@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from flax_ulmfit.vision.learner import load_xresnet
+from torch_ref.schedules import one_cycle
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / 'scripts' / 'train_xresnet.py'
@@ -132,6 +133,9 @@ def test_fine_tune_writes_both_stages(tuned):
   frozen, unfrozen = rows(out / 'log-frozen.csv'), rows(out / 'log.csv')
   assert len(frozen) == 1 and len(unfrozen) == 1
   assert accuracy(result) == round(float(unfrozen[-1]['valid_accuracy']), 4)
+  # the head's rate, as fastai's Recorder logs it (stem and body: 1/10 frozen, 1/100 unfrozen)
+  assert float(frozen[-1]['lr']) == pytest.approx(one_cycle(4, 2e-3, pct_start=0.99)(3), rel=1e-6)
+  assert float(unfrozen[-1]['lr']) == pytest.approx(one_cycle(4, 1e-3, div=5, pct_start=0.3)(3), rel=1e-6)
   assert sorted(p.name for p in (out / 'checkpoints').iterdir()) == ['stage-0', 'stage-1']
   assert load_xresnet(out / 'model' / 'model.npz')[1]['head'] == 'transfer'
 
