@@ -49,16 +49,21 @@ class Given:
     return iter(self.items)
 
 
-def _models():
-  torch.manual_seed(0)
-  t_body = ref.XResNet(BODY['expansion'], BODY['layers'], c_in=1, stem_szs=BODY['stem_szs'], widen=BODY['widen'])
-  t = ref.create_cnn_model(t_body, N_OUT, **HEAD)
+def _randomise_bn(t):
+  """Non-trivial BatchNorm: zero-initialised scales would block the residual branches."""
   g = torch.Generator().manual_seed(1)
-  for m in t.modules():  # non-trivial BatchNorm: zero-initialised scales would block the residual branches
+  for m in t.modules():
     if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
       with torch.no_grad():
         m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
         m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+
+
+def _models():
+  torch.manual_seed(0)
+  t_body = ref.XResNet(BODY['expansion'], BODY['layers'], c_in=1, stem_szs=BODY['stem_szs'], widen=BODY['widen'])
+  t = ref.create_cnn_model(t_body, N_OUT, **HEAD)
+  _randomise_bn(t)
   rngs = nnx.Rngs(jax.random.key(0, impl='rbg'))
   f = create_cnn_model(xresnet.XResNet(**BODY, n_out=10, rngs=rngs), N_OUT, rngs=rngs, **HEAD)
   return xresnet_to_flax(t.state_dict(), f), t
@@ -116,6 +121,19 @@ def _close(got, want, tol, what):
   assert err <= tol, f'{what}: max-abs-diff / scale = {err:.2e} > {tol}'
 
 
+def _assert_same_end(f, t, history, valid):
+  """Weights and BatchNorm statistics within 2e-5 of scale; the evaluation's loss and accuracy."""
+  got = xresnet_to_torch(f)
+  for key, value in t.state_dict().items():
+    _close(got[key], value.numpy(), 2e-5, key)
+  t.eval()
+  with torch.no_grad():
+    out = t(torch.from_numpy(valid[0].transpose(0, 3, 1, 2).copy()))
+  y = torch.from_numpy(valid[1]).long()
+  np.testing.assert_allclose(history[-1]['valid_loss'], tl.label_smoothing_cross_entropy(out, y).item(), rtol=1e-5)
+  assert history[-1]['valid_accuracy'] == tl.accuracy(out, y).item()
+
+
 def test_fine_tune_matches_fastai_recipe_by_hand():
   f, t = _models()
   train, valid = _data(np.random.default_rng(0))
@@ -127,16 +145,7 @@ def test_fine_tune_matches_fastai_recipe_by_hand():
   want_losses.append(np.mean(_torch_stage(t, train, False, [half / 100, half / 10, half], 0.3, 5.0)))
   for record, want in zip(history, want_losses):
     np.testing.assert_allclose(record['train_loss'], want, rtol=1e-5)
-  got = xresnet_to_torch(f)
-  for key, value in t.state_dict().items():
-    _close(got[key], value.numpy(), 2e-5, key)
-
-  t.eval()
-  with torch.no_grad():
-    out = t(torch.from_numpy(valid[0].transpose(0, 3, 1, 2).copy()))
-  y = torch.from_numpy(valid[1]).long()
-  np.testing.assert_allclose(history[-1]['valid_loss'], tl.label_smoothing_cross_entropy(out, y).item(), rtol=1e-5)
-  assert history[-1]['valid_accuracy'] == tl.accuracy(out, y).item()
+  _assert_same_end(f, t, history, valid)
 
 
 class OnePerEpoch(Given):
@@ -157,12 +166,7 @@ def test_fit_one_cycle_five_steps_match_fastai_recipe_by_hand():
   torch.manual_seed(0)
   t = ref.XResNet(BODY['expansion'], BODY['layers'], p=p, c_in=1, n_out=N_OUT, stem_szs=BODY['stem_szs'],
                   widen=BODY['widen'])
-  g = torch.Generator().manual_seed(1)
-  for m in t.modules():  # non-trivial BatchNorm, as in _models
-    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-      with torch.no_grad():
-        m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-        m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+  _randomise_bn(t)
   f = xresnet_to_flax(t.state_dict(), xresnet.XResNet(**BODY, p=p, n_out=N_OUT, rngs=nnx.Rngs(jax.random.key(0, impl='rbg'))))
   rng = np.random.default_rng(2)
   nf = f.body.nf
@@ -178,12 +182,4 @@ def test_fit_one_cycle_five_steps_match_fastai_recipe_by_hand():
   want = _torch_stage(t, train, False, [1e-2], 0.25, 25.0, groups=lambda t: [list(t.parameters())])
   np.testing.assert_allclose([r['train_loss'] for r in history], want, rtol=1e-5)
   np.testing.assert_allclose(history[-1]['lr'], ts.one_cycle(n_steps, 1e-2)(n_steps - 1), rtol=1e-6)  # float32 schedule
-  got = xresnet_to_torch(f)
-  for key, value in t.state_dict().items():
-    _close(got[key], value.numpy(), 2e-5, key)
-  t.eval()
-  with torch.no_grad():
-    out = t(torch.from_numpy(valid[0].transpose(0, 3, 1, 2).copy()))
-  y = torch.from_numpy(valid[1]).long()
-  np.testing.assert_allclose(history[-1]['valid_loss'], tl.label_smoothing_cross_entropy(out, y).item(), rtol=1e-5)
-  assert history[-1]['valid_accuracy'] == tl.accuracy(out, y).item()
+  _assert_same_end(f, t, history, valid)
