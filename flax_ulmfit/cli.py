@@ -4,7 +4,8 @@ folder, and clean exits (Ctrl-C, a diverged run, bad input: a message, no traceb
 Nothing here imports JAX at import time: `use_devices` must run before JAX starts.
 
 A run folder (`--out`) holds:
-  checkpoints/   the training state (orbax), for `--resume`
+  checkpoints/   the training state (orbax), for `--resume` (a run of several stages:
+                 checkpoints/stage-<k>/)
   model/         the result, replaced whole when the run ends: weights, vocabulary, labels,
                  config (never a mix of two runs)
   log.csv, losses.png, lr_find.png, token_cache/
@@ -25,7 +26,7 @@ from flax_ulmfit import atomic
 
 PRECISIONS = ('fp32', 'bf16', 'fp16')
 # flags that may differ when a run is resumed (they do not change what is trained)
-RESUMABLE_CHANGES = ('out', 'resume', 'overwrite', 'save_every', 'devices', 'lr_find')
+RESUMABLE_CHANGES = ('out', 'resume', 'overwrite', 'save_every', 'devices', 'lr_find', 'no_progress')
 
 
 def _number(kind: type, test: Callable[[Any], bool], wanted: str):
@@ -45,6 +46,7 @@ nonnegative_int = _number(int, lambda v: v >= 0, 'an integer >= 0')
 positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, 'a finite number > 0')
 nonnegative_float = _number(float, lambda v: math.isfinite(v) and v >= 0, 'a finite number >= 0')
 fraction = _number(float, lambda v: 0 < v < 1, 'a number strictly between 0 and 1')
+probability = _number(float, lambda v: 0 <= v < 1, 'a number >= 0 and < 1')
 
 
 def at_least(low: int):
@@ -78,6 +80,7 @@ def add_run_args(parser: argparse.ArgumentParser, out: str) -> None:
                    help='split each batch over N devices (on a CPU: N XLA host devices)')
   run.add_argument('--lr-find', action='store_true',
                    help="run fastai's learning-rate finder instead of training: print the valley suggestion, save lr_find.png")
+  run.add_argument('--no-progress', action='store_true', help='no progress bars (the per-epoch table stays)')
 
 
 def check_run_args(parser: argparse.ArgumentParser, args: argparse.Namespace, batch_size: int) -> None:
@@ -132,35 +135,37 @@ class RunFolder:
     self.token_cache = self.path / 'token_cache'
     self._lock = None
 
-  def open(self, args: argparse.Namespace) -> None:
+  def open(self, args: argparse.Namespace) -> bool:
     """Creates and locks the folder; with checkpoints present, requires --resume (same
-    settings) or --overwrite (deletes them). Call before any work."""
+    settings) or --overwrite (deletes them). Call before any work. Returns whether the run
+    continues from a checkpoint."""
     self.path.mkdir(parents=True, exist_ok=True)
     self._take_lock()
     atomic.recover_folder(self.model)
     if args.lr_find:
-      return
-    from flax_ulmfit.train.checkpoints import TrainCheckpoints
-    checkpoints = TrainCheckpoints(self.checkpoints)
-    latest = checkpoints.latest_step()
-    if latest is None:
+      return False
+    from flax_ulmfit.train.checkpoints import TrainCheckpoints, differences, latest_checkpoints
+    checkpoints = latest_checkpoints(self.checkpoints)
+    if checkpoints is None:
       if args.resume:
         print(f'--resume: no checkpoint in {self.checkpoints}: starting a new run', file=sys.stderr)
-      return
+      return False
     if args.overwrite:
-      checkpoints.clear()
-      return
+      TrainCheckpoints(self.checkpoints).clear()
+      return False
+    latest = checkpoints.latest_step()
     info = checkpoints.read_info(latest)
     state = 'finished' if info['finished'] else f'epoch {info["epoch"]}, batch {info["batch"]}'
+    where = checkpoints.directory.relative_to(self.checkpoints.absolute())
+    stage = '' if where == Path('.') else f'{where}, '
     if not args.resume:
-      raise FileExistsError(f'{self.path} holds a run (newest checkpoint: step {latest}, {state}); rerun with '
-                            '--resume to continue it, --overwrite to start afresh, or choose another --out')
-    stored = info['meta'].get('settings', {})
-    from flax_ulmfit.train.checkpoints import differences
-    diffs = differences(stored, settings(args))
+      raise FileExistsError(f'{self.path} holds a run (newest checkpoint: {stage}step {latest}, {state}); rerun '
+                            'with --resume to continue it, --overwrite to start afresh, or choose another --out')
+    diffs = differences(info['meta'].get('settings', {}), settings(args))
     if diffs:
       raise ValueError(f'--resume: the run in {self.path} was started with other settings: ' + '; '.join(diffs)
                        + '. Rerun with its flags (or start a new run with --overwrite)')
+    return True
 
   def _take_lock(self) -> None:
     try:

@@ -13,9 +13,11 @@ Each stage starts from fresh optimizer state, because fastai's `Learner.freeze_t
 `freeze` and `unfreeze` end with `opt.clear_state()` (pinned against fastai itself in
 parity_tests/test_ulmfit_stages.py). A stage runner is a short loop:
 
-  for stage, tx in stage_optimizers(model, awd_lstm_clas_split(3), CLASSIFIER, len(train_dl)):
+  split = awd_lstm_clas_split(3)
+  for stage, tx in stage_optimizers(model, split, CLASSIFIER, len(train_dl)):
     state = state._replace(opt_state=tx.init(state.params))   # fastai's clear_state
-    state, history = fit(make_train_step(model, loss_fn, tx), state, train_dl, stage.epochs, ...)
+    state, history = fit(make_train_step(model, loss_fn, tx), state, train_dl, stage.epochs,
+                         log_group=split.groups[-1], ...)     # the head's lr, as fastai logs it
 
 References:
   Howard & Ruder, "Universal Language Model Fine-tuning for Text Classification", 2018.

@@ -128,7 +128,8 @@ def main(args: argparse.Namespace) -> list[dict]:
                        args.epochs, rng=jax.random.key(args.seed),
                        eval_step=make_eval_step(model, lm_loss, check_batch=check), valid_data=valid_dl,
                        init_carry=first_state, language_model=True, log_path=run.log, plot_path=run.plot,
-                       checkpoints=checkpoints, save_every=args.save_every, resume=args.resume)
+                       checkpoints=checkpoints, save_every=args.save_every, resume=args.resume,
+                       progress=not args.no_progress)
   nnx.update(model, state.params, state.rest)
   with run.export() as stage:
     checkpoint.save(stage / 'lm.npz', flax_to_torch(model), {'config': config, 'vocab_size': len(vocab)})

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import torch_ref.schedules as torch_schedules
 from flax_ulmfit import checkpoint
 from flax_ulmfit.train import losses, optim, schedules
 from flax_ulmfit.train.loop import EarlyStopping, SaveBest, fit, save_plots
@@ -95,6 +96,24 @@ def test_fit_rejects_empty_data():
   _, state, step, _, _, _ = setup(1)
   with pytest.raises(ValueError, match='train_data gave no batches'):
     fit(step, state, [], 1, rng=jax.random.key(0), progress=False)
+
+
+def test_the_log_records_the_lr_of_the_group_fastai_records():
+  """fastai's Recorder logs `opt.hypers[-1]`: the split's last group (the head), here 'head'
+  at 10x the rate of 'stem', which sorts after it by name."""
+  model = Mlp(rngs=nnx.Rngs(0))
+  train = blobs(64, 0)
+  labels = optim.label_params(nnx.state(model, nnx.Param), [('^l1/', 'stem'), ('', 'head')])
+  total = len(train)
+  tx = optim.fastai_optimizer(labels, {'stem': schedules.one_cycle(total, 1e-3), 'head': schedules.one_cycle(total, 1e-2)},
+                              mom=schedules.one_cycle_moms(total))
+  step, state = make_train_step(model, loss_fn, tx), init_train_state(model, tx)
+  _, history = fit(step, state, train, 1, rng=jax.random.key(0), progress=False, log_group='head')
+  want = torch_schedules.one_cycle(total, 1e-2)(total - 1)  # fastai's schedule at the last step, read by torch_ref
+  assert history[-1]['lr'] == pytest.approx(want, rel=1e-6)
+  assert history[-1]['mom'] == pytest.approx(torch_schedules.one_cycle_moms(total)(total - 1), rel=1e-6)
+  with pytest.raises(ValueError, match="log_group 'body' has no learning rate"):
+    fit(step, init_train_state(model, tx), train, 1, rng=jax.random.key(0), progress=False, log_group='body')
 
 
 NUM_IT = 60

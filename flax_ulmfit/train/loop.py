@@ -96,8 +96,9 @@ class SaveBest:
     return False
 
   def resume(self, history: list[dict]) -> None:
-    """The best value so far, from a resumed run's records (the file already holds its weights)."""
-    self.best = min([self.sign * _monitored(r, self.monitor, 'SaveBest') for r in history], default=math.inf)
+    """The best value so far, from a resumed run's records (the file already holds its weights);
+    called once per resumed stage of a run of several `fit`s, it keeps the best of all."""
+    self.best = min([self.sign * _monitored(r, self.monitor, 'SaveBest') for r in history], default=self.best)
 
 
 def _monitored(record: dict, monitor: str, who: str) -> float:
@@ -268,7 +269,7 @@ def fit(train_step: Callable, state: TrainState, train_data, n_epoch: int, *, rn
         language_model: bool = False, log_path: str | os.PathLike | None = None,
         plot_path: str | os.PathLike | None = None, callbacks: Sequence[Callback] = (),
         progress: bool = True, checkpoints: TrainCheckpoints | None = None, save_every: int | None = None,
-        resume: bool = False) -> tuple[TrainState, list[dict]]:
+        resume: bool = False, log_group: str | None = None) -> tuple[TrainState, list[dict]]:
   """Trains for `n_epoch` epochs; returns the final state and one record per epoch.
 
   Args:
@@ -293,6 +294,9 @@ def fit(train_step: Callable, state: TrainState, train_data, n_epoch: int, *, rn
     save_every: also save every this many steps (needs `checkpoints`).
     resume: continue from the newest checkpoint (start afresh if there is none); without
       it, a folder that holds checkpoints is refused.
+    log_group: the parameter group whose lr and mom are logged and plotted: fastai's
+      Recorder takes the last group of the split (`opt.hypers[-1]`, the head), so pass the
+      split's last label; None: the last by name (the only one, with one group).
 
   Returns:
     `(state, history)`; a record holds epoch, train_loss, valid metrics (valid_loss,
@@ -311,6 +315,9 @@ def fit(train_step: Callable, state: TrainState, train_data, n_epoch: int, *, rn
     raise ValueError(f'fit: save_every and resume need checkpoints=TrainCheckpoints(...); got {save_every=}, {resume=}')
   if save_every is not None and save_every < 1:
     raise ValueError(f'fit: save_every must be >= 1 steps, got {save_every=}')
+  if log_group is not None and not hyperparams(state.opt_state, log_group):
+    raise ValueError(f'fit: log_group {log_group!r} has no learning rate in the optimizer state (not a trained '
+                     'group of an inject_hyperparams optimizer); pass the last group of the split, or None')
   n_batches, key = _n_batches(train_data), np.asarray(jax.random.key_data(rng)).tolist()
   log, history, steps = _Log(log_path), [], _Steps()
   epoch, batch, step, carry, elapsed, finished, batches = 0, 0, 0, None, 0.0, False, None
@@ -369,7 +376,7 @@ def fit(train_step: Callable, state: TrainState, train_data, n_epoch: int, *, rn
             carry = init_carry(b)
           state, carry, metrics = train_step(state, b, jax.random.fold_in(rng, step), carry)
           # the next step donates opt_state: keep copies of the hyperparameters it holds
-          steps.add((step, epoch, batch), metrics, jax.tree.map(jnp.copy, hyperparams(state.opt_state)))
+          steps.add((step, epoch, batch), metrics, jax.tree.map(jnp.copy, hyperparams(state.opt_state, log_group)))
           step, batch = step + 1, batch + 1
           steps.settle(_LAG)
           bar.update()

@@ -215,11 +215,14 @@ def fastai_optimizer(labels: Any, lrs: Mapping[str, float | optax.Schedule], *,
     if wd_mask is None:
       return None
     return jax.tree.map(lambda m, g: m if g == group else optax.MaskedNode(), wd_mask, effective)
-  transforms = {g: fastai_adam(lrs[g], mom, sqr_mom, eps, wd, group_mask(g)) for g in present - {FROZEN}}
+  # sorted, not set order: set order follows the process's string hashing, and the step's
+  # program (its compilation-cache key, possibly XLA's fusions) would differ between runs
+  trained = sorted(present - {FROZEN})
+  transforms = {g: fastai_adam(lrs[g], mom, sqr_mom, eps, wd, group_mask(g)) for g in trained}
   transforms[FROZEN] = optax.set_to_zero()
   steps = []
   if clip_norm is not None:
-    keep = {g: optax.identity() for g in present - {FROZEN}} | {FROZEN: optax.set_to_zero()}
+    keep = {g: optax.identity() for g in trained} | {FROZEN: optax.set_to_zero()}
     steps += [optax.multi_transform(keep, effective), optax.clip_by_global_norm(clip_norm)]
   return optax.chain(*steps, optax.multi_transform(transforms, effective))
 
@@ -227,7 +230,7 @@ def fastai_optimizer(labels: Any, lrs: Mapping[str, float | optax.Schedule], *,
 def hyperparams(opt_state: Any, group: str | None = None) -> dict[str, jax.Array]:
   """The hyperparameters (lr, mom, ...) last used by `group`, or by the last group by name.
 
-  Empty if `opt_state` holds no `optax.inject_hyperparams` state.
+  Empty if `opt_state` holds no `optax.inject_hyperparams` state (for `group`: a frozen group has none).
   """
   is_inject = lambda x: isinstance(x, (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState))
   found = [(path, node) for path, node in jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=is_inject)[0]

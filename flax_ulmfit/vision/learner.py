@@ -4,12 +4,14 @@ fastai's vision recipe as plain pieces: `xresnet_split` (its parameter groups fo
 `vision_loss` (mixup + label smoothing in training, label smoothing and accuracy in
 evaluation), and `VisionLearner` with fastai's `freeze`/`unfreeze`, `fit_one_cycle` and
 `fine_tune` (freeze, one epoch at `pct_start` 0.99, halve the rate, unfreeze,
-`fit_one_cycle(epochs, slice(base_lr / 100, base_lr), pct_start=0.3, div=5)`), and
-`save_xresnet` / `load_xresnet` for weights under fastai's names with what rebuilding needs.
+`fit_one_cycle(epochs, slice(base_lr / 100, base_lr), pct_start=0.3, div=5)`) and `lr_find`,
+each stage resumable from its checkpoints, and `save_xresnet` / `load_xresnet` for weights
+under fastai's names with what rebuilding needs.
 """
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from flax_ulmfit import checkpoint, parallel
@@ -25,8 +28,10 @@ from flax_ulmfit.interop.xresnet import xresnet_to_flax, xresnet_to_torch
 from flax_ulmfit.models.transfer import CNNModel, create_cnn_model
 from flax_ulmfit.models.xresnet import XResNet, xresnet18, xresnet34, xresnet50, xresnet101, xresnet152
 from flax_ulmfit.train import optim, precision, schedules
+from flax_ulmfit.train.checkpoints import TrainCheckpoints, stage_directory
 from flax_ulmfit.train.losses import cross_entropy, label_smoothing_cross_entropy
 from flax_ulmfit.train.loop import Callback, fit
+from flax_ulmfit.train.lr_find import LRFinderResult, lr_find
 from flax_ulmfit.train.mixup import Mix, mix_inputs, mixup_loss, sample_mix
 from flax_ulmfit.train.step import init_train_state, make_eval_step, make_train_step, update_model
 from flax_ulmfit.vision.data import PAD_LABEL, ImageLoader, Stats
@@ -114,16 +119,28 @@ class VisionLearner:
     out: folder for each stage's log (`log.csv`, or `log-<name>.csv`) and plot; None writes none.
     callbacks: `fit` callbacks (`EarlyStopping`, `SaveBest`), for every stage.
     progress: tqdm bars.
+    checkpoints: a folder for the training state: stage k (each `fit_one_cycle`, counted
+      from 0) saves in `stage_directory(checkpoints, k)` after each epoch, every
+      `save_every` steps and on Ctrl-C; None saves none.
+    meta: JSON description of the run saved with every checkpoint (settings, classes);
+      a checkpoint with another is refused.
+    save_every: also save every this many steps of a stage.
+    resume: each stage continues from its newest checkpoint (a finished stage returns its
+      result at once), so rerunning the same calls continues a killed run exactly.
   """
 
   def __init__(self, model: nnx.Module, train_dl: ImageLoader, valid_dl: ImageLoader, *,
                mixup_alpha: float | None = 0.4, ls_eps: float = 0.1, wd: float = 0.01, splitter=xresnet_split,
                groups: Sequence[str] = XRESNET_GROUPS, policy: str = 'fp32', mesh=None, seed: int = 0, out: str | os.PathLike | None = None,
-               callbacks: Sequence[Callback] = (), progress: bool = True):
+               callbacks: Sequence[Callback] = (), progress: bool = True,
+               checkpoints: str | os.PathLike | None = None, meta: dict | None = None, save_every: int | None = None,
+               resume: bool = False):
     self.model, self.train_dl, self.valid_dl = model, train_dl, valid_dl
     self.loss_fn = functools.partial(vision_loss, mixup_alpha=mixup_alpha, ls_eps=ls_eps)
     self.wd, self.policy, self.mesh, self.seed = wd, precision.get_policy(policy), mesh, seed
     self.out, self.callbacks, self.progress = (Path(out) if out is not None else None), callbacks, progress
+    self.checkpoints = Path(checkpoints) if checkpoints is not None else None
+    self.meta, self.save_every, self.resume = meta, save_every, resume
     if mesh is not None:
       parallel.check_divisible(train_dl.bs, mesh)
     params = nnx.state(model, nnx.Param)
@@ -148,11 +165,10 @@ class VisionLearner:
   def unfreeze(self) -> None:
     self.freeze_to(0)
 
-  def _optimizer(self, n_steps: int, lr: float | slice, div: float, div_final: float, pct_start: float,
-                 moms: tuple[float, float, float]):
-    lrs = {g: schedules.one_cycle(n_steps, v, div, div_final, pct_start) for g, v in _lrs(lr, self.groups).items()}
-    tx = optim.fastai_optimizer(self.labels, lrs, mom=schedules.one_cycle_moms(n_steps, moms, pct_start),
-                                wd=self.wd, wd_mask=self.wd_mask, frozen=self.frozen, train_mask=self.norms)
+  def _optimizer(self, lrs: dict[str, float | optax.Schedule], mom: float | optax.Schedule):
+    """fastai's Adam over the groups with the current freezing (and loss scaling for fp16)."""
+    tx = optim.fastai_optimizer(self.labels, lrs, mom=mom, wd=self.wd, wd_mask=self.wd_mask, frozen=self.frozen,
+                                train_mask=self.norms)
     return precision.torch_grad_scaler(tx) if self.policy.needs_loss_scaling else tx
 
   def fit_one_cycle(self, n_epoch: int, lr_max: float | slice = 1e-3, div: float = 25.0, div_final: float = 1e5,
@@ -163,7 +179,10 @@ class VisionLearner:
     `lr_max`: a float for every group, `slice(hi)` or `slice(lo, hi)` (fastai's reading).
     `name` tells this stage's log and plot files apart (`log-<name>.csv`).
     """
-    tx = self._optimizer(n_epoch * len(self.train_dl), lr_max, div, div_final, pct_start, moms)
+    n_steps = n_epoch * len(self.train_dl)
+    tx = self._optimizer({g: schedules.one_cycle(n_steps, v, div, div_final, pct_start)
+                          for g, v in _lrs(lr_max, self.groups).items()},
+                         schedules.one_cycle_moms(n_steps, moms, pct_start))
     state = init_train_state(self.model, tx)
     if self.mesh is not None:
       state = parallel.replicate(state, self.mesh)
@@ -172,10 +191,13 @@ class VisionLearner:
     suffix = f'-{name}' if name else ''
     files = {} if self.out is None else {'log_path': self.out / f'log{suffix}.csv',
                                          'plot_path': self.out / f'losses{suffix}.png'}
+    checkpoints = None if self.checkpoints is None else \
+        TrainCheckpoints(stage_directory(self.checkpoints, self.stages), self.meta)
     state, history = fit(step, state, lambda epoch: self.train_dl.batches(first_epoch + epoch), n_epoch,
                          rng=jax.random.fold_in(jax.random.key(self.seed), self.stages),
                          eval_step=self.eval_step, valid_data=self.valid_dl.batches, callbacks=self.callbacks,
-                         progress=self.progress, **files)
+                         progress=self.progress, checkpoints=checkpoints, save_every=self.save_every,
+                         resume=self.resume, log_group=self.groups[-1], **files)
     update_model(self.model, state)
     self.stages += 1
     self.epochs_done += len(history)
@@ -190,6 +212,16 @@ class VisionLearner:
     base_lr /= 2
     self.unfreeze()
     return history + self.fit_one_cycle(epochs, slice(base_lr / lr_mult, base_lr), pct_start=pct_start, div=div)
+
+  def lr_find(self, start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int = 100,
+              plot_path: str | os.PathLike | None = None) -> LRFinderResult:
+    """fastai's `lr_find` with the current freezing: every trained group at the sweep's lr,
+    momentum 0.9, `num_it` training batches (epochs 0, 1, ... as needed); the model is left unchanged."""
+    epochs = (self.train_dl.batches(e) for e in itertools.count())
+    return lr_find(self.model, self.loss_fn, lambda lr: self._optimizer({g: lr for g in self.groups}, 0.9),
+                   itertools.islice(itertools.chain.from_iterable(epochs), num_it),
+                   rng=jax.random.key(self.seed), start_lr=start_lr, end_lr=end_lr, num_it=num_it,
+                   plot_path=plot_path)
 
 
 ARCHS = {'xresnet18': xresnet18, 'xresnet34': xresnet34, 'xresnet50': xresnet50, 'xresnet101': xresnet101,
