@@ -9,6 +9,7 @@ Tolerances: the numerical contract's fp32 bounds, forward 1e-5 and gradients 1e-
 """
 from __future__ import annotations
 
+import operator
 import re
 
 import jax
@@ -21,10 +22,11 @@ from flax import nnx
 import torch_ref.classifier as ref
 import torch_ref.losses as ref_losses
 import torch_ref.schedules as ts
+from flax_ulmfit import ulmfit
 from flax_ulmfit.interop import flax_to_torch, load_encoder, torch_to_flax
 from flax_ulmfit.models import AWDLSTM, TextClassifier
 from flax_ulmfit.models.classifier import masked_concat_pool
-from flax_ulmfit.train import optim, schedules
+from flax_ulmfit.train import optim
 from flax_ulmfit.train.clas import clas_loss
 from flax_ulmfit.train.step import TrainState, init_train_state, make_train_step
 from parity_tests.classifier_cases import (CONFIG, MAX_LEN, N_CLASS, SEQ_LEN, VOCAB, as_jax, batch,
@@ -99,6 +101,27 @@ def test_gradients_of_training_loss_match_torch():
     assert np.abs(f_grads[f'0.module.rnns.{l}.weight_hh_l0_raw']).max() > 1e-4
 
 
+
+def test_gradients_in_eval_mode_match_torch():
+  """d(cross-entropy)/d(every parameter) in eval mode (BatchNorm on its running statistics, no
+  dropout, no AR/TAR: clas_loss without a key), on the batch whose first chunk is all padding."""
+  torch_clf, flax_clf = twin_models(seed=2)
+  tokens, labels = batch(30, seed=5)
+  torch_clf.eval()
+  flax_clf.eval()
+  t_loss = ref_losses.cross_entropy_flat(torch_clf(torch.from_numpy(tokens).long())[0], torch.from_numpy(labels).long())
+  t_loss.backward()
+  f_loss, grads = nnx.value_and_grad(lambda m: clas_loss(m, (jnp.asarray(tokens), jnp.asarray(labels)), None)[0])(flax_clf)
+  assert abs(float(f_loss) - t_loss.item()) <= FWD_TOL
+  grad_model = nnx.clone(flax_clf)
+  nnx.update(grad_model, grads)
+  f_grads = flax_to_torch(grad_model)
+  for key, param in torch_clf.named_parameters():
+    diff, scale = _max_diff(f_grads[key], param.grad), float(param.grad.abs().max())
+    # The contract's 1e-4, and, since eval-mode gradients of the first layer are only ~5e-5,
+    # 1e-5 of each one's largest entry (measured <= 8e-7 of it).
+    assert diff <= GRAD_TOL and diff <= 1e-5 * scale, (key, diff, scale)
+
 def test_round_trips_are_exact_with_and_without_head_dropout():
   """torch -> Flax -> torch and Flax -> torch -> Flax are bit-exact, BatchNorm statistics and
   num_batches_tracked included; with ps=[0.0] the last block has no Dropout and fastai's Linear
@@ -143,8 +166,7 @@ def test_load_encoder_copies_a_language_model_encoder():
   assert _max_diff(flax_clf(jnp.asarray(tokens)), torch_clf(torch.from_numpy(tokens).long())[0]) <= FWD_TOL
 
 
-STEPS, STAGE_STEPS, LR, MOMS = 5, (2, 3), 1e-2, (0.8, 0.7, 0.8)
-GROUPS = ['embeds', 'rnn0', 'rnn1', 'rnn2', 'head']  # fastai's awd_lstm_clas_split
+STAGE_STEPS, LR, MOMS = (2, 3), 1e-2, (0.8, 0.7, 0.8)
 
 
 def test_five_step_training_over_two_unfreezing_stages_matches_torch():
@@ -153,14 +175,19 @@ def test_five_step_training_over_two_unfreezing_stages_matches_torch():
   momentum 0.8/0.7/0.8, the training loss with AR/TAR, weight decay except on BatchNorm (fastai's
   `norm_bias_params` finds no LSTM bias: `nn.LSTM.bias` is a flag, so LSTM biases decay).
   `freeze_to` clears the optimizer state, so each stage starts a fresh Adam, on both sides.
+  The Flax side is the library's own: `awd_lstm_clas_split`, `bn_bias_mask` and `stage_optimizer`;
+  torch_ref groups the modules as fastai's `awd_lstm_clas_split` does.
   Tolerance: params within 1e-4 after five steps (forward/gradient rounding of ~1e-6 per step,
   amplified by Adam's normalisation)."""
   torch_clf, flax_clf = twin_models()
-  lrs = optim.discriminative_lrs(LR / 2.6 ** 4, LR, len(GROUPS))
+  split = ulmfit.awd_lstm_clas_split(CONFIG['n_layers'])
+  stages = [ulmfit.Stage('head', 1, slice(LR / 2.6 ** 4, LR), freeze_to=-1),
+            ulmfit.Stage('last_two', 1, slice(LR / 2.6 ** 4, LR), freeze_to=-2)]
+  recipe = ulmfit.Recipe(tuple(stages), drop_mult=1.0, moms=MOMS)
   params = nnx.state(flax_clf, nnx.Param)
-  rules = [('^encoder/module/encoder', 'embeds')] + [(f'^encoder/module/rnns/{l}/', f'rnn{l}') for l in range(3)]
-  labels = optim.label_params(params, rules + [('^head/', 'head')])
-  wd_mask = jax.tree_util.tree_map_with_path(lambda path, _: '/bn/' not in optim.path_str(path), params)
+  labels = optim.label_params(params, split.rules)
+  wd_mask = jax.tree.map(operator.not_, optim.bn_bias_mask(flax_clf, params))
+  lrs = [LR / 2.6 ** (4 - g) for g in range(5)]  # slice(LR / 2.6**4, LR): geometric over the 5 groups
 
   encoder = torch_clf[0].module
   t_groups = [list(encoder.encoder.parameters())] + [list(r.parameters()) for r in encoder.rnns]
@@ -170,15 +197,13 @@ def test_five_step_training_over_two_unfreezing_stages_matches_torch():
 
   state, step_i = None, 0
   torch_clf.train()
-  for stage, n_steps in enumerate(STAGE_STEPS):
-    frozen = GROUPS[:len(GROUPS) - 1 - stage]
-    tx = optim.fastai_optimizer(labels, {g: schedules.one_cycle(n_steps, lr) for g, lr in zip(GROUPS, lrs)},
-                                mom=schedules.one_cycle_moms(n_steps, MOMS), wd_mask=wd_mask, frozen=frozen)
+  for stage, n_steps in zip(stages, STAGE_STEPS):
+    tx = ulmfit.stage_optimizer(labels, split.groups, stage, recipe, n_steps, wd_mask)
     # a fresh optimizer state per stage, as fastai's freeze_to
     state = init_train_state(flax_clf, tx) if state is None else TrainState(state.params, state.rest, tx.init(state.params))
     step = make_train_step(flax_clf, clas_loss, tx)
     t_opt = Adam(t_groups, lrs, no_wd=no_wd)
-    t_opt.freeze_to(len(frozen))
+    t_opt.freeze_to(stage.freeze_to)
     lr_scheds, mom_sched = [ts.one_cycle(n_steps, lr) for lr in lrs], ts.one_cycle_moms(n_steps, MOMS)
     for i in range(n_steps):
       tokens, labels_i = batch(25, seed=20 + step_i)

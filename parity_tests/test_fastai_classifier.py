@@ -4,7 +4,9 @@ both give fastai's eval logits on batches padded by fastai's `pad_chunk` (one wh
 chunk is padding in every row), and our export has exactly fastai's keys. With fastai's
 dropout draws recorded, one training batch of fastai's `TextLearner` is reproduced: logits,
 the loss before and after its RNNRegularizer (AR/TAR on the encoder outputs, padding
-included), every gradient, and the BatchNorm running statistics.
+included), every gradient, and the BatchNorm running statistics. The parameter groups of
+`ulmfit.awd_lstm_clas_split` and the weight-decay exemption of `optim.bn_bias_mask` are
+fastai's `awd_lstm_clas_split` and `norm_bias_params`.
 
 Tolerances: the numerical contract's fp32 bounds (forward 1e-5, gradients 1e-4).
 """
@@ -20,8 +22,10 @@ from flax import nnx
 
 import torch_ref.classifier as ref
 import torch_ref.losses as ref_losses
+from flax_ulmfit import ulmfit
 from flax_ulmfit.interop import flax_to_torch, torch_to_flax
 from flax_ulmfit.models import TextClassifier
+from flax_ulmfit.train import optim
 from flax_ulmfit.train.clas import clas_loss
 
 GOLDEN = np.load(Path(__file__).parent / 'golden' / 'fastai_classifier.npz', allow_pickle=False)
@@ -110,3 +114,32 @@ def test_flax_reproduces_a_fastai_training_batch():
   for key in (k for k in GOLDEN.files if k.startswith('train/grad/')):
     name = key.removeprefix('train/grad/')
     assert np.abs(flax_grads[name] - GOLDEN[key]).max() <= GRAD_TOL, name
+
+
+def _by_torch_key(model, values, keys):
+  """One number per Flax parameter (a pytree like its params) -> {state_dict key: number} for
+  `keys`, read back through the exporter, so fastai's names judge which parameter got which."""
+  marked = nnx.clone(model)
+  params = nnx.state(marked, nnx.Param)
+  nnx.update(marked, jax.tree.map(lambda p, v: jnp.full(p.shape, v, p.dtype), params, values))
+  exported = flax_to_torch(marked)
+  for key in keys:
+    assert exported[key].min() == exported[key].max(), key  # one Flax parameter per key
+  return {key: float(exported[key].flat[0]) for key in keys}
+
+
+def test_groups_and_weight_decay_exemption_equal_fastai():
+  """Gradual unfreezing freezes by group and fastai's `wd_bn_bias=False` spares what
+  `norm_bias_params` finds (the head's BatchNorms; an LSTM's `bias` is a flag, so LSTM biases decay)."""
+  clf = _flax()
+  params = nnx.state(clf, nnx.Param)
+  split = ulmfit.awd_lstm_clas_split(CONFIG['n_layers'])
+  index = {g: i for i, g in enumerate(split.groups)}
+  fastai_groups = json.loads(str(GOLDEN['split']))
+  trainable = [n for names in fastai_groups for n in names]
+  group_of = _by_torch_key(clf, jax.tree.map(index.get, optim.label_params(params, split.rules)), trainable)
+  assert len(fastai_groups) == len(split.groups)
+  for i, names in enumerate(fastai_groups):
+    assert {n: group_of[n] for n in names} == {n: i for n in names}
+  exempt = _by_torch_key(clf, jax.tree.map(float, optim.bn_bias_mask(clf, params)), trainable)
+  assert {n for n in trainable if exempt[n]} == set(json.loads(str(GOLDEN['wd_exempt'])))

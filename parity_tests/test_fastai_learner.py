@@ -66,9 +66,10 @@ def test_two_stage_learner_trajectory_equals_fastai():
   load_initial(net)
   params = nnx.state(net, nnx.Param)
   labels = optim.label_params(params, [('^(body|bn)/', 'body'), ('^mid/', 'mid'), ('^head/', 'head')])
-  # fastai's wd_bn_bias=False exempts BatchNorm parameters and biases; train_bn keeps BatchNorm training
-  wd_mask = optim.label_params(params, [('^bn/|bias$', False)], default=True)
-  train_bn = optim.label_params(params, [('^bn/', True)], default=False)
+  # the library's own rules judged by fastai's: wd_bn_bias=False exempts norm layers and biases
+  # (bn_bias_mask), train_bn keeps norm layers training in a frozen group (norm_mask)
+  wd_mask = jax.tree.map(lambda exempt: not exempt, optim.bn_bias_mask(net, params))
+  train_bn = optim.norm_mask(net, params)
   x, y = jnp.asarray(GOLDEN['x'][:N_TRAIN]), jnp.asarray(GOLDEN['y'][:N_TRAIN], jnp.int32)
   batches = [(x[i:i + BS], y[i:i + BS]) for i in range(0, N_TRAIN, BS)]
 

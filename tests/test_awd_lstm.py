@@ -10,6 +10,7 @@ from flax import nnx
 from flax_ulmfit.interop import flax_to_torch, torch_to_flax
 from flax_ulmfit.models import (AWDLSTM, LanguageModel, awd_lstm_clas_config, awd_lstm_lm_config,
                                 dropout_mask)
+from tests.mask_checks import check_independent, check_mask
 
 SMALL = dict(awd_lstm_lm_config, emb_sz=6, n_hid=8, n_layers=2)
 
@@ -90,21 +91,6 @@ STATS_CONFIG = dict(awd_lstm_lm_config, emb_sz=32, n_hid=32, n_layers=3, output_
 STATS_VOCAB, STATS_BATCH = 4096, 64
 
 
-def _check_mask(mask, shape, p, site):
-  """Shape, values in {0, 1/(1-p)} and a drop rate within 4 standard deviations of p."""
-  mask = np.asarray(mask)
-  assert mask.shape == shape, site
-  assert set(np.unique(mask)) <= {0.0, np.float32(1 / (1 - p))}, site
-  assert abs((mask == 0).mean() - p) <= 4 * np.sqrt(p * (1 - p) / mask.size), site
-
-
-def _check_independent(a, p_a, b, p_b, what):
-  """Independent masks keep an entry together at the rate (1 - p_a)(1 - p_b), within 4 standard deviations."""
-  both_kept = ((np.asarray(a) != 0) & (np.asarray(b) != 0)).mean()
-  rate = (1 - p_a) * (1 - p_b)
-  assert abs(both_kept - rate) <= 4 * np.sqrt(rate * (1 - rate) / np.asarray(a).size), what
-
-
 def _masks_by_site(lm, draw):
   """{site: (mask, p)} with each mask from `draw(masks_of_one_forward_pass)`."""
   masks, enc = draw(), lm.encoder
@@ -142,11 +128,11 @@ def test_masks_the_model_draws_have_fastais_statistics_and_are_independent(path)
                 hidden1=(STATS_BATCH, 1, 32))
   assert set(steps[0]) == set(shapes)
   for site, (mask, p) in steps[0].items():
-    _check_mask(mask, shapes[site], p, site)
-    _check_independent(mask, p, steps[1][site][0], p, f'{site}: step 1 vs step 2')
+    check_mask(mask, shapes[site], p, site)
+    check_independent(mask, p, steps[1][site][0], p, f'{site}: step 1 vs step 2')
   for a, b in [('weight0', 'weight1'), ('weight1', 'weight2'), ('weight0', 'weight2'),
                ('hidden0', 'hidden1'), ('input', 'output')]:
-    _check_independent(*steps[0][a], *steps[0][b], f'{a} vs {b}')
+    check_independent(*steps[0][a], *steps[0][b], f'{a} vs {b}')
 
 
 def test_train_mode_draws_fresh_masks_and_eval_is_deterministic():

@@ -12,6 +12,7 @@ from flax_ulmfit.interop import flax_to_torch, load_encoder, torch_to_flax
 from flax_ulmfit.models import AWDLSTM, LanguageModel, TextClassifier, awd_lstm_clas_config
 from flax_ulmfit.text.data import ClasLoader, pad_chunk
 from flax_ulmfit.train.clas import clas_batch_check, clas_loss
+from tests.mask_checks import check_independent, check_mask
 
 VOCAB, N_CLASS, SEQ_LEN = 23, 4, 4
 SMALL = dict(emb_sz=6, n_hid=8, n_layers=2)
@@ -141,12 +142,16 @@ def test_chunks_before_the_window_feed_the_state_but_get_no_gradient():
 
 
 def test_train_mode_masks_key_and_sample_masks_agree():
-  """Train mode draws fresh masks per call; a key draws them chunk by chunk inside the scan,
-  and `sample_masks(key, B, L)` gives exactly those masks; eval is deterministic."""
+  """Train mode draws fresh masks per call, `sample_masks(k, B, L)` for the next key k of the
+  `dropout` stream; a key draws them chunk by chunk inside the scan, and `sample_masks(key, B, L)`
+  gives exactly those masks; eval is deterministic."""
   clf = small()
   tokens = padded((12, 7, 3), 12)
+  stream = nnx.clone(clf).encoder.rngs  # yields the keys clf's calls will take
   first, second = clf(tokens), clf(tokens)
   assert float(jnp.abs(first - second).max()) > 1e-4
+  for logits, key in zip((first, second), (stream(), stream())):
+    np.testing.assert_allclose(logits, clf(tokens, clf.sample_masks(key, 3, 12)), atol=1e-6, rtol=0)
   key = jax.random.key(7)
   masks = clf.sample_masks(key, 3, 12)
   assert masks['encoder']['weight'][0].shape == (3, 4 * 8, 8)  # (chunks, 4H, H)
@@ -158,6 +163,51 @@ def test_train_mode_masks_key_and_sample_masks_agree():
   assert float(jnp.abs(clf.classify(tokens, key=jax.random.key(8))[0] - with_key[0]).max()) > 1e-4
   clf.eval()
   np.testing.assert_array_equal(clf(tokens), clf(tokens))
+
+
+# fastai's defaults (drop_mult 0.5, head ps [0.1]) at sizes where every mask has >= 2,048 entries
+# (a drop rate's standard deviation <= 0.011; masks a bug made equal keep entries together at
+# 1 - p instead of (1 - p)**2, >= 7 standard deviations off even for the embedding's p = 0.025).
+STATS_VOCAB, STATS_BATCH, STATS_CHUNKS = 8192, 64, 3
+STATS_P = dict(embed=0.025, input=0.2, weight=0.25, hidden=0.15)  # awd_lstm_clas_config x 0.5
+STATS_SHAPES = dict(embed=(STATS_VOCAB, 1), input=(STATS_BATCH, 1, 32), weight0=(128, 32), weight1=(128, 32),
+                    weight2=(128, 32), hidden0=(STATS_BATCH, 1, 32), hidden1=(STATS_BATCH, 1, 32))
+
+
+def _chunk_masks(encoder_masks, c):
+  """{site: (its mask in chunk c, p)} from `sample_masks(...)['encoder']`."""
+  out = {'embed': (encoder_masks['embed'][c], STATS_P['embed']), 'input': (encoder_masks['input'][c], STATS_P['input'])}
+  out |= {f'weight{l}': (m[c], STATS_P['weight']) for l, m in enumerate(encoder_masks['weight'])}
+  return out | {f'hidden{l}': (m[c], STATS_P['hidden']) for l, m in enumerate(encoder_masks['hidden'])}
+
+
+def test_masks_the_classifier_draws_have_fastais_statistics_and_are_fresh_per_chunk():
+  """fastai's SentenceEncoder runs every chunk as a separate forward pass, so each chunk draws
+  fresh masks (before the kept window too), and the head draws one (B, n_in) mask per block.
+  Through the classifier's own drawing path (`sample_masks` for the keys of its `dropout`
+  stream: what a call draws, test_train_mode_masks_key_and_sample_masks_agree): shapes, values
+  {0, 1/(1-p)}, drop rates near p (the config's times drop_mult; the head's 0.1 unscaled), and
+  masks independent across chunks, layers, sites, head blocks and steps."""
+  clf = TextClassifier(STATS_VOCAB, N_CLASS, dict(emb_sz=32, n_hid=32), seq_len=SEQ_LEN, max_len=2 * SEQ_LEN,
+                       rngs=nnx.Rngs(params=0, dropout=1))
+  steps = [clf.sample_masks(clf.encoder.rngs(), STATS_BATCH, STATS_CHUNKS * SEQ_LEN) for _ in range(2)]
+  encoder, next_step = steps[0]['encoder'], steps[1]['encoder']
+  assert all(m.shape[0] == STATS_CHUNKS for m in jax.tree.leaves(encoder))  # the chunk before the window too
+  for c in range(STATS_CHUNKS):
+    chunk = _chunk_masks(encoder, c)
+    assert set(chunk) == set(STATS_SHAPES)
+    for site, (mask, p) in chunk.items():
+      check_mask(mask, STATS_SHAPES[site], p, f'{site}, chunk {c}')
+      check_independent(mask, p, *_chunk_masks(encoder, (c + 1) % STATS_CHUNKS)[site], f'{site}: chunk {c} vs the next')
+      check_independent(mask, p, *_chunk_masks(next_step, c)[site], f'{site}, chunk {c}: step 1 vs 2')
+    for a, b in [('weight0', 'weight1'), ('weight1', 'weight2'), ('weight0', 'weight2'),
+                 ('hidden0', 'hidden1'), ('input', 'hidden0')]:
+      check_independent(*chunk[a], *chunk[b], f'chunk {c}: {a} vs {b}')
+  head, head_p = steps[0]['head'], (0.2, 0.1)  # output_p x 0.5 for the pooled features; ps unscaled
+  for i, (mask, n_in, p) in enumerate(zip(head, (96, 50), head_p)):
+    check_mask(mask, (STATS_BATCH, n_in), p, f'head block {i}')
+    check_independent(mask, p, steps[1]['head'][i], p, f'head block {i}: step 1 vs 2')
+  check_independent(head[0], head_p[0], head[1], head_p[1], 'head block 0 vs 1')
 
 
 def test_jit_and_eager_agree():

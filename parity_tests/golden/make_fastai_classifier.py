@@ -6,7 +6,9 @@ fastai's dropout draws are replaced by numpy draws that are recorded (in call or
 the embedding mask, the input mask, then per layer the weight mask and the hidden mask; then
 one mask per head dropout), and written in our per-chunk layout (rows that do not run in a
 chunk get ones). Stored: the training logits, the loss before and after AR/TAR, every
-parameter's gradient, and the BatchNorm running statistics after the batch.
+parameter's gradient, and the BatchNorm running statistics after the batch; and the parameter
+groups of fastai's `awd_lstm_clas_split` (state_dict names per group, first to last) and the
+parameters `norm_bias_params` finds (those `wd_bn_bias=False` keeps from weight decay).
 
 Needs fastai (a scratch venv: `pip install -c constraints.txt fastai==2.8.*`); the tests read
 only the .npz. Run from the repository root:
@@ -28,6 +30,7 @@ from fastai.text.learner import TextLearner
 from fastai.text.models import awdlstm
 from fastai.text.models.awdlstm import AWD_LSTM, awd_lstm_clas_split
 from fastai.text.models.core import get_text_classifier
+from fastai.torch_core import norm_bias_params
 
 VOCAB, N_CLASS, SEQ_LEN, MAX_LEN = 37, 3, 5, 10
 CONFIG = dict(emb_sz=10, n_hid=14, n_layers=3, pad_token=1, bidir=False, output_p=0.3,
@@ -114,6 +117,10 @@ def main():
       block[0].running_mean.uniform_(-0.1, 0.1)
       block[0].running_var.uniform_(0.5, 1.5)
   out = {f'state_dict/{k}': v.numpy().copy() for k, v in model.state_dict().items()}
+  names = {id(p): n for n, p in model.named_parameters()}
+  split = [[names[id(p)] for p in group] for group in awd_lstm_clas_split(model)]
+  # what wd_bn_bias=False spares; an LSTM's `bias` is its flag True, which fastai collects too
+  wd_exempt = [names[id(p)] for p in norm_bias_params(model) if isinstance(p, torch.Tensor)]
 
   model.eval()
   for n_tokens in (25, 30):  # 30: the first chunk is padding in every row (fastai runs an empty batch)
@@ -140,7 +147,8 @@ def main():
   out |= {f'train/{k}': v for k, v in per_chunk_layout(recorded.masks, tokens).items()}
   path = Path(__file__).with_name('fastai_classifier.npz')
   np.savez_compressed(path, config=json.dumps(dict(CONFIG, vocab=VOCAB, n_class=N_CLASS, seq_len=SEQ_LEN,
-                                                   max_len=MAX_LEN, lin_ftrs=LIN_FTRS, ps=PS)), **out)
+                                                   max_len=MAX_LEN, lin_ftrs=LIN_FTRS, ps=PS)),
+                      split=json.dumps(split), wd_exempt=json.dumps(wd_exempt), **out)
   print(f'wrote {path} ({len(out)} arrays, {path.stat().st_size} bytes)')
 
 
