@@ -107,8 +107,8 @@ def make_train_step(model: nnx.Module, loss_fn: LossFn, tx: optax.GradientTransf
   `metrics` holds the device scalars of `loss_fn`'s metrics and:
   - `loss`: `loss_fn`'s own 'loss' metric when it gives one (what fastai's Recorder logs,
     e.g. a language model's cross-entropy before AR/TAR), else the differentiated loss;
-  - `nonfinite`: True when the differentiated loss, or a gradient (without a loss scaler,
-    which skips overflowing steps itself), was inf/NaN. Such a step changes nothing in
+  - `nonfinite`: True when the differentiated loss, or an update of a trained parameter
+    (without a loss scaler, which skips overflowing steps itself), was inf/NaN. Such a step changes nothing in
     `state`, so weights never turn inf/NaN; `fit` then stops the run (fastai's
     TerminateOnNaNCallback).
 
@@ -141,8 +141,10 @@ def make_train_step(model: nnx.Module, loss_fn: LossFn, tx: optax.GradientTransf
     if mesh is not None:
       grads, loss, rest = _mean_over_devices((grads, loss, rest))
       metrics = _metrics_over_devices(metrics)
-    finite = jnp.isfinite(loss) if scale is not None else jnp.isfinite(loss) & _all_finite(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    # The updates, not the gradients: frozen parameters' gradients then feed nothing and XLA
+    # never computes them, while a non-finite gradient of a trained parameter still shows.
+    finite = jnp.isfinite(loss) if scale is not None else jnp.isfinite(loss) & _all_finite(updates)
     params = optax.apply_updates(state.params, updates)
     new_state = _keep_if(finite, TrainState(params, rest, opt_state), state)
     metrics = dict(metrics)
