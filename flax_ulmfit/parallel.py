@@ -103,7 +103,15 @@ def shard_mean(total: jax.Array, count: jax.Array) -> jax.Array:
 
 def replicate(tree, mesh: Mesh):
   """Places every leaf of `tree` (the same value on every process) on every device of `mesh`."""
-  return jax.device_put(tree, NamedSharding(mesh, REPLICATED))
+  sharding = NamedSharding(mesh, REPLICATED)
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+
+  def place(leaf):  # device_put reaches only this process's devices: build the global array
+    if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(place(jax.random.key_data(leaf)), impl=jax.random.key_impl(leaf))
+    return jax.make_array_from_process_local_data(sharding, np.asarray(leaf), np.shape(leaf))
+  return jax.tree.map(place, tree)
 
 
 def shard_batch(tree, mesh: Mesh):
