@@ -2,7 +2,6 @@
 evaluation gives the model's cross-entropy (data parallelism: tests/test_data_parallel.py)."""
 from __future__ import annotations
 
-
 import jax
 import numpy as np
 import optax

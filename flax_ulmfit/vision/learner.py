@@ -134,7 +134,7 @@ class VisionLearner:
     self.wd_mask = jax.tree.map(lambda exempt: not exempt, optim.bn_bias_mask(model, params))
     self.frozen: tuple[str, ...] = ()
     self.stages, self.epochs_done = 0, 0
-    self.eval_step = make_eval_step(model, self.loss_fn)
+    self.eval_step = make_eval_step(model, self.loss_fn, mesh=mesh)
 
   def freeze_to(self, n: int) -> None:
     """Freezes the groups before `n` (negative counts from the end); their norm layers still train."""
