@@ -11,15 +11,14 @@ statistics are means over the global batch (`batch_mean`); mixup's partners come
 gathered batch (`gather_batch`). Outside a data-parallel step these helpers are the
 one-device computation, so models and losses call them unconditionally.
 
-Why `shard_map` rather than plain `jit` over sharded inputs (GSPMD), which gives the global
-semantics for free: the fast kernels here are hand-written loops (the LSTM's custom VJP,
-the fused decoder cross-entropy) that accumulate weight gradients across iterations; the
-partitioner either replicated them behind all-gathers or all-reduced the (V, E) gradient
-inside every iteration, and the LM step ran at 1.58x the time (docs/scale.md). Under
-`shard_map` every device runs exactly the one-device program and gradients are all-reduced
-once.
+Why `shard_map` rather than plain `jit` over sharded inputs (GSPMD), which would give the
+global semantics for free: the fast kernels here are hand-written loops (the LSTM's custom VJP,
+the decoder fused with the cross-entropy) that the partitioner must split through: on 2 CPU
+devices the LM step took 1.56x torch's time under plain `jit` with a batch `NamedSharding`,
+0.90x under `shard_map` (measured on 2 cores, 2026-11-24). Under `shard_map` every device runs
+exactly the one-device program and gradients are all-reduced once per step.
 
-Many hosts: `initialize_distributed` (or `jax.distributed.initialize()`) first; `jax.devices()`
+Many hosts: `cli.init_distributed` (or `jax.distributed.initialize()`) first; `jax.devices()`
 then spans every process, each process feeds its own rows of each global batch
 (`shard_batch`, `process_rows`), and the step runs as one program over all of them.
 On CPU, `XLA_FLAGS=--xla_force_host_platform_device_count=N` (set before importing jax)
