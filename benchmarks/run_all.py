@@ -7,7 +7,8 @@ memory run per side (`timing.SIDE_ENV`: only that side's steps run) gives each s
 RSS; tokenizing and precision report the peak RSS of their process (both sides together).
 Finally it measures this machine's fp32 matmul throughput (the best of JAX's and torch's
 2048x2048 products) and gives the LM step's fraction of it (the step's FLOPs counted from
-the model's matmuls). Writes the table with the date, the load average and the command to
+the model's matmuls). Tokenizing is compared with fastai when `--fastai-python` names a Python that has it.
+Writes the table with the date, the load average and the command to
 `--out` (default docs/benchmarks.md); `--quick` runs small sizes once as a smoke test and
 writes nothing unless `--out` is given.
 
@@ -45,13 +46,13 @@ MEMORY_RUNS = ('lm_step', 'clas_step', 'xresnet18', 'xresnet50')  # benchmarks w
 LM_SMALL = dict(vocab=10_000, emb=400, hid=400, layers=3, bs=32, bptt=72)  # lm_step's 'small'
 
 
-def run_script(script: str, args: list[str], side: str | None = None) -> tuple[str, float]:
-  """Runs a benchmark script; returns its stdout and the peak RSS (MiB) of its process."""
+def run_script(script: str, args: list[str], side: str | None = None, python: str = sys.executable) -> tuple[str, float]:
+  """Runs a benchmark script with `python`; returns its stdout and the peak RSS (MiB) of its process."""
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')])))
   env.pop(SIDE_ENV, None)
   if side:
     env[SIDE_ENV] = side
-  command = [sys.executable, str(HERE / script), *args]
+  command = [python, str(HERE / script), *args]
   print('$', ' '.join(command[1:]), f'({SIDE_ENV}={side})' if side else '', flush=True)
   with tempfile.TemporaryFile('w+') as out, tempfile.TemporaryFile('w+') as err:
     process = subprocess.Popen(command, env=env, stdout=out, stderr=err, text=True)
@@ -166,13 +167,16 @@ def main():
   parser.add_argument('--quick', action='store_true', help='small sizes, few steps: a smoke test of this script')
   parser.add_argument('--out', type=Path, help='Markdown file (default: docs/benchmarks.md; none with --quick)')
   parser.add_argument('--only', nargs='+', choices=list(BENCHMARKS), default=list(BENCHMARKS))
+  parser.add_argument('--fastai-python', default=os.environ.get('FASTAI_PYTHON'),
+                      help="a Python with fastai 2.8 installed: tokenizing is then compared with fastai's (env FASTAI_PYTHON)")
   args = parser.parse_args()
   out_path = args.out or (None if args.quick else ROOT / 'docs' / 'benchmarks.md')
   rows = []
   for name in args.only:
     script, full, quick = BENCHMARKS[name]
     flags = quick if args.quick else full
-    output, process_rss = run_script(script, flags)
+    python = args.fastai_python if name == 'tokenize' and args.fastai_python else sys.executable
+    output, process_rss = run_script(script, flags, python=python)
     found = parse(name, output)
     memory = None
     if name in MEMORY_RUNS:
@@ -186,7 +190,8 @@ def main():
       print(f"  {r['what']}: ours {r['ours']:.2f} {r['unit']}, torch_ref {r['torch']:.2f} {r['unit']}", flush=True)
     rows += found
   throughput = matmul_gflops()
-  command = 'python benchmarks/run_all.py' + (' --quick' if args.quick else '')
+  command = 'python benchmarks/run_all.py' + (' --quick' if args.quick else '') + (
+      ' --fastai-python PY' if args.fastai_python else '')
   text = table(rows, throughput, command)
   print(text)
   if out_path is not None:
