@@ -43,7 +43,6 @@ BENCHMARKS = {
                                        '--vocab', '2000', '--emb', '64', '--hid', '64', '--bs', '8', '--bptt', '16']),
 }
 MEMORY_RUNS = ('lm_step', 'clas_step', 'xresnet18', 'xresnet50')  # benchmarks whose sides can run alone
-LM_SMALL = dict(vocab=10_000, emb=400, hid=400, layers=3, bs=32, bptt=72)  # lm_step's 'small'
 
 
 def run_script(script: str, args: list[str], side: str | None = None, python: str = sys.executable) -> tuple[str, float]:
@@ -74,8 +73,10 @@ def parse(name: str, out: str) -> list[dict]:
   if name == 'lm_step':
     for m in re.finditer(r'^(\w+)\s+V=(\d+) (\d+/\d+/\d+) bs=(\d+) bptt=(\d+): flax\s+([\d.]+) ms\s+torch\s+([\d.]+) ms',
                          out, re.M):
+      emb, hid, layers = map(int, m[3].split('/'))
       rows.append(dict(what=f'LM step {m[3]} (V {m[2]}, bs {m[4]}, bptt {m[5]})', ours=float(m[6]),
-                       torch=float(m[7]), unit='ms', config=m[1]))
+                       torch=float(m[7]), unit='ms', config=m[1],
+                       gflop=lm_step_gflop(int(m[2]), emb, hid, layers, int(m[4]), int(m[5]))))
   elif name == 'clas_step':
     for m in re.finditer(r'^(\w+)\s+V=\d+ (\d+/\d+/\d+) bs=(\d+).*?flax\s+([\d.]+) s\s+torch\s+([\d.]+) s per round',
                          out, re.M):
@@ -137,28 +138,29 @@ def table(rows: list[dict], throughput: dict[str, float], command: str) -> str:
            f'(load average {os.getloadavg()[0]:.1f} at the end); each benchmark alternates ours and torch_ref in one '
            'process (medians after warm-up). Speed ratio: torch_ref\'s time / ours (above 1: ours faster). Peak RSS: '
            "a run of that side's steps alone, the other side's model built but idle (its rise over the RSS before the first "
-           'step in brackets); where one figure spans both columns, the process ran both sides.', '',
+           'step in brackets); where one figure spans both columns, the process ran both sides. Tokenizing rows compare with '
+           'fastai 2.8 in the torch_ref column (n/a: run without `--fastai-python`); their RSS is the main process\'s '
+           '(worker processes not counted).', '',
            '| benchmark | ours | torch_ref | speed ratio | peak RSS ours, MiB | peak RSS torch_ref, MiB |',
            '|---|---:|---:|---:|---:|---:|']
   for r in rows:
-    ratio = r['torch'] / r['ours'] if r['torch'] == r['torch'] else float('nan')
+    ratio = r['torch'] / r['ours']
     mem = r.get('memory')
     if mem:
       ours_mem = f"{mem['flax'][0]:.0f} (+{mem['flax'][1]:.0f})"
       torch_mem = f"{mem['torch'][0]:.0f} (+{mem['torch'][1]:.0f})"
     else:
       ours_mem = torch_mem = f"{r['process_rss']:.0f} (both)"
-    lines.append(f"| {r['what']} | {r['ours']:.2f} {r['unit']} | {r['torch']:.2f} {r['unit']} | {ratio:.2f} | "
-                 f'{ours_mem} | {torch_mem} |')
-  lm = [r for r in rows if r.get('config') == 'small']
+    theirs, ratio = ((f"{r['torch']:.2f} {r['unit']}", f'{ratio:.2f}') if ratio == ratio else ('n/a', 'n/a'))
+    lines.append(f"| {r['what']} | {r['ours']:.2f} {r['unit']} | {theirs} | {ratio} | {ours_mem} | {torch_mem} |")
+  lm = [r for r in rows if 'gflop' in r]
   lines += ['', f"Matmul throughput (fp32 2048x2048, median): JAX {throughput.get('jax', float('nan')):.0f} GFLOP/s, "
             f"torch {throughput.get('torch', float('nan')):.0f} GFLOP/s; the machine's figure is the better one."]
-  if lm:
-    gflop = lm_step_gflop(**LM_SMALL)
-    r = lm[0]
-    lines.append(f"LM step 400/400/3 (V 10k, bs 32, bptt 72): {gflop:.0f} GFLOP of matmuls; ours runs at "
-                 f"{gflop / (r['ours'] / 1e3):.0f} GFLOP/s = {gflop / (r['ours'] / 1e3) / best:.0%} of it, torch_ref "
-                 f"{gflop / (r['torch'] / 1e3):.0f} GFLOP/s = {gflop / (r['torch'] / 1e3) / best:.0%}.")
+  for r in lm:
+    gflop = r['gflop']
+    lines.append(f"{r['what']}: {gflop:.0f} GFLOP of matmuls; ours runs at {gflop / (r['ours'] / 1e3):.0f} GFLOP/s "
+                 f"= {gflop / (r['ours'] / 1e3) / best:.0%} of it, torch_ref {gflop / (r['torch'] / 1e3):.0f} GFLOP/s "
+                 f"= {gflop / (r['torch'] / 1e3) / best:.0%}.")
   return '\n'.join(lines) + '\n'
 
 
