@@ -12,7 +12,7 @@ Writes the table with the date, the load average and the command to
 `--out` (default docs/benchmarks.md); `--quick` runs small sizes once as a smoke test and
 writes nothing unless `--out` is given.
 
-  PYTHONPATH=. python benchmarks/run_all.py            # on an idle machine: about 30-60 min on 2 cores
+  PYTHONPATH=. python benchmarks/run_all.py            # on an idle machine
   PYTHONPATH=. python benchmarks/run_all.py --quick
 """
 from __future__ import annotations
