@@ -159,7 +159,8 @@ def test_workers_avoid_fork_once_jax_is_loaded(monkeypatch):
 
 
 STOPPED_PARENT = '''
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if started in the background
 import jax   # as in a training script: workers start from a forkserver
 from flax_ulmfit.text import Tokenizer
 if __name__ == '__main__':

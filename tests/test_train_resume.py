@@ -107,10 +107,14 @@ def test_the_loss_scale_resumes_exactly(tmp_path, uninterrupted_scaled):
 def test_ctrl_c_saves_the_step_it_stopped_after_and_resume_continues(tmp_path, uninterrupted):
   checkpoints = TrainCheckpoints(tmp_path / 'ck')
   hook = lambda e, b: os.kill(os.getpid(), signal.SIGINT) if (e, b) == (2, 2) else None
-  with pytest.raises(Interrupted, match=r'interrupted at epoch 2, batch 3 \(step 19\); the training state is saved'):
-    train(checkpoints, hook)
+  before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even under `pytest &`
+  try:
+    with pytest.raises(Interrupted, match=r'interrupted at epoch 2, batch 3 \(step 19\); the training state is saved'):
+      train(checkpoints, hook)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # fit put the handler back
+  finally:
+    signal.signal(signal.SIGINT, before)
   assert checkpoints.latest_step() == 19
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # fit put the handler back
   state, _ = train(checkpoints, resume=True)
   assert_same_params(state, uninterrupted[0])
 
