@@ -76,7 +76,7 @@ def add_run_args(parser: argparse.ArgumentParser, out: str) -> None:
   run.add_argument('--precision', choices=PRECISIONS, default='fp32',
                    help='compute dtype (parameters stay fp32); fp16 adds dynamic loss scaling')
   run.add_argument('--devices', type=positive_int, default=1,
-                   help='split each batch over N devices (on a CPU: N XLA host devices)')
+                   help='split each batch over N devices (per process with several; on a CPU: N XLA host devices)')
   run.add_argument('--lr-find', action='store_true',
                    help="run fastai's learning-rate finder instead of training: print the valley suggestion, save lr_find.png")
   add_distributed_args(parser)
