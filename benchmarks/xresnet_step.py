@@ -2,7 +2,7 @@
 
 Prints the median ms and images/s of each framework for xresnet18 (64x64, bs 32) and
 xresnet50 (128x128, bs 16), fp32, and ends with `speedup_vs_torch=<torch ms / JAX ms>` for
-xresnet18. Run: `PYTHONPATH=. python benchmarks/xresnet_step.py [--conv-impl auto] [--steps 10]`.
+xresnet18 (for xresnet50 with `--only xresnet50`). Run: `PYTHONPATH=. python benchmarks/xresnet_step.py [--conv-impl auto] [--steps 10]`.
 """
 import os
 
@@ -19,6 +19,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from flax import nnx  # noqa: E402
 
+import timing  # noqa: E402
 import torch_ref.xresnet as ref  # noqa: E402
 from flax_ulmfit.interop.xresnet import xresnet_to_flax  # noqa: E402
 from flax_ulmfit.models import xresnet  # noqa: E402
@@ -57,24 +58,29 @@ def bench(name, size, bs, steps, warmup, conv_impl):
   y = rng.integers(0, 10, bs)
   xj, yj = jax.numpy.asarray(x), jax.numpy.asarray(y)
   xt, yt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(y)
-  t0 = time.perf_counter()
-  state, opt_state, loss = step(state, opt_state, xj, yj)
-  loss.block_until_ready()
-  print(f'{name}: JAX compile + first step {time.perf_counter() - t0:.1f} s')
-  jax_ms, torch_ms = [], []
-  for i in range(warmup + steps):
+  baseline = timing.rss_mb()
+  if timing.runs('flax'):
     t0 = time.perf_counter()
     state, opt_state, loss = step(state, opt_state, xj, yj)
     loss.block_until_ready()
+    print(f'{name}: JAX compile + first step {time.perf_counter() - t0:.1f} s')
+  jax_ms, torch_ms = [], []
+  for i in range(warmup + steps):
+    t0 = time.perf_counter()
+    if timing.runs('flax'):
+      state, opt_state, loss = step(state, opt_state, xj, yj)
+      loss.block_until_ready()
     t1 = time.perf_counter()
-    t_opt.zero_grad(set_to_none=True)
-    t_loss = F.cross_entropy(t_model(xt), yt)
-    t_loss.backward()
-    t_opt.step()
+    if timing.runs('torch'):
+      t_opt.zero_grad(set_to_none=True)
+      t_loss = F.cross_entropy(t_model(xt), yt)
+      t_loss.backward()
+      t_opt.step()
     t2 = time.perf_counter()
     if i >= warmup:
       jax_ms.append((t1 - t0) * 1e3)
       torch_ms.append((t2 - t1) * 1e3)
+  timing.end_memory_run(baseline)
   j, t = statistics.median(jax_ms), statistics.median(torch_ms)
   print(f'{name} {size}x{size} bs {bs} ({steps} steps): JAX {j:.0f} ms ({bs / j * 1e3:.0f} img/s), '
         f'torch {t:.0f} ms ({bs / t * 1e3:.0f} img/s), JAX time / torch time {j / t:.2f}')
@@ -87,11 +93,15 @@ def main():
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--conv-impl', default='auto', choices=CONV_IMPLS)
   parser.add_argument('--skip-xresnet50', action='store_true')
+  parser.add_argument('--only', choices=['xresnet18', 'xresnet50'], help='run one of the two models')
   args = parser.parse_args()
   print(f'JAX {jax.__version__} on {jax.default_backend()}, torch {torch.__version__} with '
         f'{torch.get_num_threads()} threads, conv_impl={args.conv_impl}')
+  if args.only == 'xresnet50':
+    print(f'speedup_vs_torch={bench("xresnet50", 128, 16, args.steps, args.warmup, args.conv_impl):.3f}')
+    return
   speedup = bench('xresnet18', 64, 32, args.steps, args.warmup, args.conv_impl)
-  if not args.skip_xresnet50:
+  if not args.skip_xresnet50 and args.only is None:
     bench('xresnet50', 128, 16, args.steps, args.warmup, args.conv_impl)
   print(f'speedup_vs_torch={speedup:.3f}')
 

@@ -26,7 +26,8 @@ from flax_ulmfit import atomic
 
 PRECISIONS = ('fp32', 'bf16', 'fp16')
 # flags that may differ when a run is resumed (they do not change what is trained)
-RESUMABLE_CHANGES = ('out', 'resume', 'overwrite', 'save_every', 'devices', 'lr_find', 'no_progress')
+RESUMABLE_CHANGES = ('out', 'resume', 'overwrite', 'save_every', 'devices', 'lr_find', 'no_progress',
+                     'coordinator', 'num_processes', 'process_id')
 
 
 def _number(kind: type, test: Callable[[Any], bool], wanted: str):
@@ -77,10 +78,11 @@ def add_run_args(parser: argparse.ArgumentParser, out: str) -> None:
   run.add_argument('--precision', choices=PRECISIONS, default='fp32',
                    help='compute dtype (parameters stay fp32); fp16 adds dynamic loss scaling')
   run.add_argument('--devices', type=positive_int, default=1,
-                   help='split each batch over N devices (on a CPU: N XLA host devices)')
+                   help='split each batch over N devices (per process with several; on a CPU: N XLA host devices)')
   run.add_argument('--lr-find', action='store_true',
                    help="run fastai's learning-rate finder instead of training: print the valley suggestion, save lr_find.png")
   run.add_argument('--no-progress', action='store_true', help='no progress bars (the per-epoch table stays)')
+  add_distributed_args(parser)
 
 
 def check_run_args(parser: argparse.ArgumentParser, args: argparse.Namespace, batch_size: int) -> None:
@@ -89,6 +91,7 @@ def check_run_args(parser: argparse.ArgumentParser, args: argparse.Namespace, ba
     parser.error('--resume and --overwrite contradict each other: pick one')
   if batch_size % args.devices:
     parser.error(f'the batch size ({batch_size}) must split evenly over --devices {args.devices}')
+  check_distributed_args(parser, args, batch_size)
   if args.out.exists() and not args.out.is_dir():
     parser.error(f'--out {args.out} is a file, not a folder')
 
@@ -103,16 +106,98 @@ def use_devices(n: int) -> None:
 
 
 def device_mesh(n: int):
-  """None for one device, else a data mesh over the first `n` devices (clear error if fewer)."""
-  if n == 1:
-    return None
+  """None for one device in one process, else a data mesh over the first `n` devices of every
+  process (clear error if a process has fewer)."""
   import jax
+  if n == 1 and jax.process_count() == 1:
+    return None
 
   from flax_ulmfit import parallel
-  devices = jax.devices()
-  if len(devices) < n:
-    raise ValueError(f'--devices {n}: only {len(devices)} {devices[0].platform} device(s) are available')
-  return parallel.data_mesh(devices[:n])
+  local = jax.local_devices()
+  if len(local) < n:
+    raise ValueError(f'--devices {n}: only {len(local)} {local[0].platform} device(s) are available'
+                     + (f' to process {jax.process_index()}' if jax.process_count() > 1 else ''))
+  per_process = [[d for d in jax.devices() if d.process_index == p][:n] for p in range(jax.process_count())]
+  return parallel.data_mesh([d for devices in per_process for d in devices])
+
+
+# --- Several processes (hosts) -----------------------------------------------------------------
+# One process per host (or per GPU), all started with the same flags; together they train one
+# model on global batches, each process feeding its rows of every batch. JAX's variables
+# JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID stand in for the flags.
+
+DISTRIBUTED_ENV = {'coordinator': 'JAX_COORDINATOR_ADDRESS', 'num_processes': 'JAX_NUM_PROCESSES',
+                   'process_id': 'JAX_PROCESS_ID'}
+
+
+def add_distributed_args(parser: argparse.ArgumentParser) -> None:
+  """`--coordinator`, `--num-processes`, `--process-id`: the flags of `init_distributed`."""
+  group = parser.add_argument_group(
+      'several hosts', 'start one process per host with the same flags and --out on a shared file system; '
+      '--devices counts the devices of each process and the batch size is global (it must split over all of them)')
+  group.add_argument('--coordinator', metavar='HOST:PORT', default=os.environ.get(DISTRIBUTED_ENV['coordinator']),
+                     help="process 0's address, the same for every process (env JAX_COORDINATOR_ADDRESS); 'auto': "
+                     "let JAX find the cluster (TPU slices, SLURM, Open MPI)")
+  group.add_argument('--num-processes', type=positive_int, default=_env_int('num_processes'),
+                     help='how many processes take part (env JAX_NUM_PROCESSES)')
+  group.add_argument('--process-id', type=nonnegative_int, default=_env_int('process_id'),
+                     help="this process's rank, 0 to N-1 (env JAX_PROCESS_ID)")
+
+
+def _env_int(name: str) -> int | None:
+  text = os.environ.get(DISTRIBUTED_ENV[name])
+  try:
+    return None if text is None else int(text)
+  except ValueError:
+    raise ValueError(f'{DISTRIBUTED_ENV[name]}={text!r} is not an integer') from None
+
+
+def check_distributed_args(parser: argparse.ArgumentParser, args: argparse.Namespace, batch_size: int) -> None:
+  """All three flags or none (or `--coordinator auto`); a rank below the process count; a batch that
+  splits over every process's devices (exits through `parser.error`)."""
+  given = [f'--{k.replace("_", "-")}' for k in DISTRIBUTED_ENV if getattr(args, k) is not None]
+  if args.coordinator == 'auto' or not given:
+    return
+  if len(given) < 3:
+    parser.error(f'several hosts: {" and ".join(given)} given without the others; pass --coordinator, '
+                 '--num-processes and --process-id together (or --coordinator auto)')
+  if args.process_id >= args.num_processes:
+    parser.error(f'--process-id {args.process_id} must be below --num-processes {args.num_processes}')
+  if batch_size % (args.devices * args.num_processes):
+    parser.error(f'the batch size ({batch_size}) is global: it must split evenly over {args.num_processes} processes '
+                 f'x {args.devices} device(s)')
+
+
+def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None) -> bool:
+  """Joins this process to a job of several (`jax.distributed.initialize`) before JAX starts
+  its devices; `jax.devices()` then spans every process. With nothing given, one process
+  (False); `coordinator='auto'` leaves the addresses to JAX's cluster detection. CPU
+  processes talk through gloo (jax's default CPU collectives)."""
+  if coordinator is None and num_processes is None and process_id is None:
+    return False
+  import jax
+  if coordinator == 'auto':
+    jax.distributed.initialize()
+  else:
+    if None in (coordinator, num_processes, process_id):
+      raise ValueError(f'init_distributed: give coordinator, num_processes and process_id together, got '
+                       f'{coordinator=}, {num_processes=}, {process_id=}')
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+  return True
+
+
+def start_jax(args: argparse.Namespace) -> None:
+  """Before JAX is imported: `--devices` XLA host devices on a CPU, then `init_distributed`
+  with the several-hosts flags."""
+  use_devices(args.devices)
+  init_distributed(args.coordinator, args.num_processes, args.process_id)
+
+
+def is_primary() -> bool:
+  """True in the process that writes the run's files (logs, plots, model/): process 0."""
+  import jax
+  return jax.process_index() == 0
 
 
 def settings(args: argparse.Namespace) -> dict:

@@ -63,10 +63,18 @@ def main(args: argparse.Namespace) -> list[dict]:
     raise ValueError(f'no article in {args.wikitext}: a WikiText file has " = Title = " lines, each followed by text')
   train_texts, valid_texts = split_docs(texts[:args.max_docs] if args.max_docs else texts, args.valid_pct, args.seed)
   run = cli.RunFolder(args.out)
-  run.open(args)
-  mesh = cli.device_mesh(args.devices)
   import jax
   from flax import nnx
+  from jax.experimental import multihost_utils
+
+  primary = cli.is_primary()  # several processes: process 0 alone writes the run's files
+  if primary:
+    run.open(args)
+  if jax.process_count() > 1:
+    if args.lr_find:
+      raise ValueError('--lr-find runs on one process: run it without --coordinator')
+    multihost_utils.sync_global_devices('pretrain_lm: run folder open')
+  mesh = cli.device_mesh(args.devices)
 
   from flax_ulmfit import checkpoint, parallel
   from flax_ulmfit.interop import flax_to_torch
@@ -88,10 +96,12 @@ def main(args: argparse.Namespace) -> list[dict]:
   tokenizer = Tokenizer(cache_dir=run.token_cache)
   train_tokens, valid_tokens = tokenizer(train_texts), tokenizer(valid_texts)
   vocab = Vocab.from_tokens(train_tokens, max_vocab=args.max_vocab, min_freq=args.min_freq)
-  train_dl = LMLoader([vocab.numericalize(t) for t in train_tokens], args.bs, args.bptt, seed=args.seed)
-  valid_dl = LMLoader([vocab.numericalize(t) for t in valid_tokens], args.bs, args.bptt, shuffle=False)
-  print(f'{len(train_texts)} train / {len(valid_texts)} valid documents, {sum(map(len, train_tokens)):,} train '
-        f'tokens, vocab {len(vocab):,}, {len(train_dl)} batches of {args.bs}x{args.bptt} per epoch', flush=True)
+  rows = parallel.process_rows(args.bs, mesh) if mesh is not None else slice(None)  # this process's streams
+  train_dl = LMLoader([vocab.numericalize(t) for t in train_tokens], args.bs, args.bptt, seed=args.seed, rows=rows)
+  valid_dl = LMLoader([vocab.numericalize(t) for t in valid_tokens], args.bs, args.bptt, shuffle=False, rows=rows)
+  if primary:
+    print(f'{len(train_texts)} train / {len(valid_texts)} valid documents, {sum(map(len, train_tokens)):,} train '
+          f'tokens, vocab {len(vocab):,}, {len(train_dl)} batches of {args.bs}x{args.bptt} per epoch', flush=True)
 
   # fastai's LM recipe: one parameter group, one-cycle lr, text momentum, no wd on biases
   policy = precision.get_policy(args.precision)
@@ -126,11 +136,13 @@ def main(args: argparse.Namespace) -> list[dict]:
       'settings': cli.settings(args), 'config': config, 'vocab': vocab.itos, 'tokenizer': tokenizer.name})
   state, history = fit(make_train_step(model, lm_loss, tx, mesh=mesh, check_batch=check), state, train_dl,
                        args.epochs, rng=jax.random.key(args.seed),
-                       eval_step=make_eval_step(model, lm_loss, check_batch=check), valid_data=valid_dl,
-                       init_carry=first_state, language_model=True, log_path=run.log, plot_path=run.plot,
-                       checkpoints=checkpoints, save_every=args.save_every, resume=args.resume,
-                       progress=not args.no_progress)
+                       eval_step=make_eval_step(model, lm_loss, check_batch=check, mesh=mesh), valid_data=valid_dl,
+                       init_carry=first_state, language_model=True, log_path=run.log if primary else None,
+                       plot_path=run.plot if primary else None, progress=primary and not args.no_progress,
+                       checkpoints=checkpoints, save_every=args.save_every, resume=args.resume)
   nnx.update(model, state.params, state.rest)
+  if not primary:
+    return history
   with run.export() as stage:
     checkpoint.save(stage / 'lm.npz', flax_to_torch(model), {'config': config, 'vocab_size': len(vocab)})
     vocab.save(stage / 'vocab.json')
@@ -144,5 +156,5 @@ def main(args: argparse.Namespace) -> list[dict]:
 
 if __name__ == '__main__':
   arguments = parse_args()
-  cli.use_devices(arguments.devices)
+  cli.start_jax(arguments)
   sys.exit(cli.run_script('pretrain_lm', lambda: main(arguments)))

@@ -168,6 +168,10 @@ def test_a_diverging_run_stops_and_keeps_the_finished_model(tmp_path, corpus, en
     (['--precision', 'fp8'], "--precision: invalid choice: 'fp8'"),
     (['--bs', '3', '--devices', '2'], 'must split evenly over --devices 2'),
     (['--resume', '--overwrite'], 'contradict'),
+    (['--coordinator', 'localhost:1234'], '--coordinator given without the others'),
+    (['--coordinator', 'h:1', '--num-processes', '2', '--process-id', '2'], '--process-id 2 must be below'),
+    (['--bs', '6', '--devices', '2', '--coordinator', 'h:1', '--num-processes', '2', '--process-id', '0'],
+     'must split evenly over 2 processes x 2 device(s)'),
     (['--wikitext', 'nope.tokens'], "no file at 'nope.tokens'"),
 ])
 def test_bad_flags_are_refused_before_any_work(tmp_path, flags, message):

@@ -71,6 +71,17 @@ def test_lm_shuffle_is_per_epoch_and_seeded():
                for k in range(0, 580, 20))
 
 
+def test_lm_rows_are_one_process_share_of_every_batch():
+    docs = _docs([20] * 30)
+    whole = list(LMLoader(docs, bs=4, bptt=8, seed=1).batches(2))
+    halves = [list(LMLoader(docs, bs=4, bptt=8, seed=1, rows=slice(i, i + 2)).batches(2)) for i in (0, 2)]
+    assert len(whole) == len(halves[0]) == len(halves[1]) > 1
+    for (x, y), (x0, y0), (x1, y1) in zip(whole, *halves):
+        assert (np.concatenate([x0, x1]) == x).all() and (np.concatenate([y0, y1]) == y).all()
+    with pytest.raises(ValueError, match='selects none of the bs=4 streams'):
+        LMLoader(docs, bs=4, bptt=8, rows=slice(4, 6))
+
+
 def test_lm_errors_are_clear():
     with pytest.raises(ValueError, match=r'need at least bs \* bptt \+ 1 = 41 tokens'):
         LMLoader(_docs([30]), bs=4, bptt=10)

@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flax_ulmfit import parallel
+
 
 class BatchNorm(nnx.Module):
   """torch's BatchNorm1d/2d on channels-last inputs (N, C) or (N, H, W, C).
@@ -12,7 +14,9 @@ class BatchNorm(nnx.Module):
   Matches torch exactly: the running mean/var move by `momentum` (torch's 0.1, Flax's 0.9)
   towards the batch statistics, the running var with the unbiased (n / (n - 1)) batch
   variance while normalisation uses the biased one; `num_batches_tracked` counts updates.
-  Statistics and normalisation run in fp32; the output keeps the input's dtype.
+  Statistics and normalisation run in fp32; the output keeps the input's dtype. Inside a
+  data-parallel step the statistics are the global batch's (synchronised over the devices,
+  `parallel.batch_mean`), as one device computes them.
   """
   is_norm_layer = True  # the marker `train.optim.is_norm_layer` reads (fastai's norm_types)
 
@@ -33,9 +37,9 @@ class BatchNorm(nnx.Module):
       mean, var = self.mean[...], self.var[...]
     else:
       axes = tuple(range(x.ndim - 1))
-      n = y.size // y.shape[-1]
-      mean = y.mean(axes)
-      var = jnp.square(y - mean).mean(axes)
+      n = y.size // y.shape[-1] * parallel.shard()[1]
+      mean = parallel.batch_mean(y.mean(axes))
+      var = parallel.batch_mean(jnp.square(y - mean).mean(axes))
       m = self.momentum
       self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
       self.var[...] = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(var) * (n / max(n - 1, 1))

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flax_ulmfit import parallel
 from flax_ulmfit.models.awd_lstm import AWDLSTM, awd_lstm_clas_config, check_tokens, scale_dropouts
 from flax_ulmfit.models.dropout import dropout_mask
 from flax_ulmfit.models.heads import LinBnDrop
@@ -197,10 +198,13 @@ class PoolingLinearClassifier(nnx.Module):
                             for n_in, n_out, p in zip(dims[:-1], dims[1:], ps)])
 
   def sample_masks(self, key: jax.Array, batch_size: int) -> list[jax.Array]:
-    """One (B, n_in) scaled keep-mask per block (ones where p = 0)."""
+    """One (B, n_in) scaled keep-mask per block (ones where p = 0); in a data-parallel step this
+    device's rows of the global batch's masks."""
     keys = jax.random.split(key, len(self.layers))
-    return [dropout_mask(k, (batch_size, layer.linear.in_features), p)
-            for k, layer, p in zip(keys, self.layers, self.ps)]
+
+    def draw(rows):
+      return [dropout_mask(k, (rows, layer.linear.in_features), p) for k, layer, p in zip(keys, self.layers, self.ps)]
+    return parallel.local_rows(draw, batch_size)
 
   def __call__(self, outputs: jax.Array, pad: jax.Array, masks: Sequence[jax.Array] | None = None) -> jax.Array:
     """(B, L, E) encoder outputs and their (B, L) padding mask -> (B, n_class) float32 logits."""

@@ -1,8 +1,10 @@
-"""AWD-LSTM's dropouts: one mask helper and the three dropout sites that use it.
+"""Dropout: AWD-LSTM's mask helper and the three dropout sites that use it, and plain dropout.
 
-Every site takes an explicit `mask` (drawn by the caller, e.g. in numpy for a parity test),
-or a `key` to draw one from, or, with neither, draws from its `nnx.Rngs` stream. `.eval()`
-turns them all off.
+Every AWD-LSTM site takes an explicit `mask` (drawn by the caller, e.g. in numpy for a parity
+test), or a `key` to draw one from, or, with neither, draws from its `nnx.Rngs` stream.
+`.eval()` turns them all off. Masks with one entry per row of the batch are drawn for the
+global batch in a data-parallel step (`flax_ulmfit.parallel`): any number of devices draws
+what one device draws.
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from flax_ulmfit import parallel
 
 
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
@@ -115,10 +119,19 @@ class _DropoutSite(nnx.Module):
 
 
 class RNNDropout(_DropoutSite):
-  """Variational (locked) dropout: one (B, 1, F) mask per sequence, shared over time."""
+  """Variational (locked) dropout: one (B, 1, F) mask per sequence, shared over time.
+
+  Inside a data-parallel step the mask is this device's rows of the global batch's mask
+  (`parallel.local_rows`), so any number of devices draws what one device draws.
+  """
 
   def mask_shape(self, batch_size: int, features: int) -> tuple[int, int, int]:
     return (batch_size, 1, features)
+
+  def draw(self, shape: tuple[int, ...], key: jax.Array | None = None) -> jax.Array:
+    """A fresh (B, 1, F) mask from `key`, or from the module's own stream."""
+    key = self.key_or_fresh(key)
+    return parallel.local_rows(lambda rows: dropout_mask(key, (rows, *shape[1:]), self.p), shape[0])
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, *, key: jax.Array | None = None) -> jax.Array:
     """Drops features of time-major `x` (T, B, F); `mask` is batch-first (B, 1, F)."""
@@ -156,3 +169,18 @@ class WeightDropout(_DropoutSite):
       return drop_weight(weight, self.key_or_fresh(key), self.p)
     _check_mask(mask, weight.shape, 'WeightDropout')
     return weight * mask.astype(weight.dtype)
+
+
+class Dropout(nnx.Dropout):
+  """`nnx.Dropout` (a mask per element, from its `dropout` stream) over a batch: inside a
+  data-parallel step, this device's rows of what one device computes on the global batch."""
+
+  def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None, rngs=None) -> jax.Array:
+    index, count = parallel.shard()
+    if count == 1:
+      return super().__call__(inputs, deterministic=deterministic, rngs=rngs)
+    rows = inputs.shape[0]  # the other devices' rows are zeros here: each row's output is its own
+    whole = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((rows * count, *inputs.shape[1:]), inputs.dtype),
+                                                inputs, index * rows, 0)
+    return jax.lax.dynamic_slice_in_dim(super().__call__(whole, deterministic=deterministic, rngs=rngs),
+                                        index * rows, rows, 0)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_ulmfit.models.batchnorm import BatchNorm
+from flax_ulmfit.models.dropout import Dropout
 from flax_ulmfit.models.conv import adaptive_avg_pool, adaptive_max_pool
 from flax_ulmfit.models.xresnet import kaiming_normal
 
@@ -29,7 +30,7 @@ class LinBnDrop(nnx.Module):
     self.bn = BatchNorm(n_in) if bn else None
     if self.bn is not None:
       self.bn.bias[...] = jnp.full((n_in,), 1e-3, jnp.float32)
-    self.dropout = nnx.Dropout(p, rngs=rngs)
+    self.dropout = Dropout(p, rngs=rngs)
     self.linear = nnx.Linear(n_in, n_out, use_bias=not bn, kernel_init=kernel_init, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, dropout_mask: jax.Array | None = None) -> jax.Array:

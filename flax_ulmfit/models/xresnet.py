@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_ulmfit.models.batchnorm import BatchNorm
+from flax_ulmfit.models.dropout import Dropout
 from flax_ulmfit.models.conv import adaptive_avg_pool, avg_pool_ceil, conv2d, max_pool
 
 # torch's nn.init.kaiming_normal_ (fan_in, gain sqrt(2), untruncated normal).
@@ -140,7 +141,7 @@ class XResNet(nnx.Module):
                dtype=None, rngs: nnx.Rngs):
     self.body = XResNetBody(expansion, layers, c_in, stem_szs, widen, act=act, conv_impl=conv_impl,
                             dtype=dtype, rngs=rngs)
-    self.dropout = nnx.Dropout(p, rngs=rngs)
+    self.dropout = Dropout(p, rngs=rngs)
     self.linear = nnx.Linear(self.body.nf, n_out, kernel_init=kaiming_normal, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, dropout_mask: jax.Array | None = None) -> jax.Array:

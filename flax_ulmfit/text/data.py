@@ -49,10 +49,12 @@ class LMLoader:
       shuffle: shuffle the document order each epoch.
       seed: seeds the shuffles.
       drop_last: drop the last batch when shorter than `bptt`.
+      rows: the rows (streams) of every batch to yield, e.g. this process's share of a batch
+        split over several processes (`parallel.process_rows(bs, mesh)`); default all `bs`.
     """
 
     def __init__(self, docs: Sequence[np.ndarray], bs: int = 64, bptt: int = 72,
-                 shuffle: bool = True, seed: int = 0, drop_last: bool = True):
+                 shuffle: bool = True, seed: int = 0, drop_last: bool = True, rows: slice = slice(None)):
         _check_sizes('LMLoader', bs=bs, bptt=bptt)
         self.docs = [d.astype(np.int32, copy=False) for d in _check_docs('LMLoader', docs)]
         n_tokens = sum(len(d) for d in self.docs)
@@ -62,6 +64,9 @@ class LMLoader:
                              f'{bptt=}: need at least bs * bptt + 1 = {bs * bptt + 1} tokens '
                              '(lower bs or bptt, or pass drop_last=False)')
         self.bs, self.bptt, self.shuffle, self.seed = bs, bptt, shuffle, seed
+        self.rows = rows
+        if not range(bs)[rows]:
+            raise ValueError(f'LMLoader: rows={rows} selects none of the {bs=} streams')
         self.n_batches = self.bl // bptt if drop_last else math.ceil(self.bl / bptt)
         self.epoch = 0
 
@@ -81,7 +86,7 @@ class LMLoader:
                  if self.shuffle else range(len(self.docs)))
         stream = np.concatenate([self.docs[i] for i in order])
         n = self.bs * self.bl
-        xs, ys = stream[:n].reshape(self.bs, self.bl), stream[1:n + 1].reshape(self.bs, self.bl)
+        xs, ys = stream[:n].reshape(self.bs, self.bl)[self.rows], stream[1:n + 1].reshape(self.bs, self.bl)[self.rows]
         for b in range(start, self.n_batches):
             cols = slice(b * self.bptt, (b + 1) * self.bptt)
             yield xs[:, cols], ys[:, cols]

@@ -1,4 +1,10 @@
-"""Mixup as pure functions: mix a batch from an RNG key, then lerp the per-sample losses."""
+"""Mixup as pure functions: mix a batch from an RNG key, then lerp the per-sample losses.
+
+Inside a data-parallel step (`flax_ulmfit.parallel`) the weights and the permutation are drawn
+for the global batch and a sample's partner may sit on another device: each device keeps its
+rows of the `Mix` (whose `perm` indexes the global batch) and takes partners from the gathered
+batch, so any number of devices mixes as one device does.
+"""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -6,13 +12,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from flax_ulmfit import parallel
 from flax_ulmfit.train.losses import reduce_loss
 
 
 class Mix(NamedTuple):
   """How a batch was mixed: sample i was blended with sample `perm[i]` with weight `lam[i]`."""
   lam: jax.Array   # shape=(B,), dtype=float32, in [0.5, 1]
-  perm: jax.Array  # shape=(B,), dtype=int32
+  perm: jax.Array  # shape=(B,), dtype=int32, rows of the global batch
 
 
 def sample_mix(key: jax.Array, batch_size: int, alpha: float = 0.4) -> Mix:
@@ -20,8 +27,11 @@ def sample_mix(key: jax.Array, batch_size: int, alpha: float = 0.4) -> Mix:
   if alpha <= 0:
     raise ValueError(f'sample_mix: alpha must be > 0, got {alpha=}')
   k_lam, k_perm = jax.random.split(key)
-  lam = jax.random.beta(k_lam, alpha, alpha, (batch_size,), jnp.float32)
-  return Mix(jnp.maximum(lam, 1.0 - lam), jax.random.permutation(k_perm, batch_size).astype(jnp.int32))
+
+  def draw(rows):
+    lam = jax.random.beta(k_lam, alpha, alpha, (rows,), jnp.float32)
+    return Mix(jnp.maximum(lam, 1.0 - lam), jax.random.permutation(k_perm, rows).astype(jnp.int32))
+  return parallel.local_rows(draw, batch_size)
 
 
 def mix_inputs(x: jax.Array, mix: Mix) -> jax.Array:
@@ -29,7 +39,7 @@ def mix_inputs(x: jax.Array, mix: Mix) -> jax.Array:
   if x.shape[0] != mix.lam.shape[0]:
     raise ValueError(f'mix_inputs: batch of {x.shape[0]} samples but {mix.lam.shape[0]} mixup weights')
   lam = mix.lam.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
-  shuffled = x[mix.perm]
+  shuffled = parallel.gather_batch(x)[mix.perm]
   return shuffled + lam * (x - shuffled)
 
 
@@ -45,7 +55,7 @@ def mixup_loss(per_sample_loss, preds: jax.Array, targets: jax.Array, mix: Mix,
     mix: the `Mix` used for the inputs.
     reduction: 'mean', 'sum' or 'none'.
   """
-  loss_b = per_sample_loss(preds, targets[mix.perm])
+  loss_b = per_sample_loss(preds, parallel.gather_batch(targets)[mix.perm])
   loss_a = per_sample_loss(preds, targets)
   if loss_a.shape != mix.lam.shape:
     raise ValueError(f'mixup_loss: per_sample_loss must return one loss per sample, shape '

@@ -17,7 +17,8 @@ from flax import nnx
 
 from jax.sharding import Mesh
 
-from flax_ulmfit.parallel import BATCH, DATA_AXIS, REPLICATED, data_parallel
+from flax_ulmfit import parallel
+from flax_ulmfit.parallel import BATCH, DATA_AXIS, REPLICATED
 from flax_ulmfit.train.precision import loss_scale
 
 LossFn = Callable[[nnx.Module, Any, jax.Array, Any], tuple[jax.Array, tuple[Any, dict]]]
@@ -40,6 +41,29 @@ def init_train_state(model: nnx.Module, tx: optax.GradientTransformation) -> Tra
 def _mean_over_devices(tree):
   """pmean over the data axis of every floating leaf (BatchNorm statistics); keys and counters stay."""
   return jax.tree.map(lambda x: jax.lax.pmean(x, DATA_AXIS) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def _metrics_over_devices(metrics: dict) -> dict:
+  """Metrics of the global batch from each device's: means averaged, the row `count` summed."""
+  return {k: jax.lax.psum(v, DATA_AXIS) if k == 'count' else jax.lax.pmean(v, DATA_AXIS) for k, v in metrics.items()}
+
+
+def _on_mesh(step: Callable, mesh: Mesh, where: str, replicated: Callable | None = None) -> Callable:
+  """`step(state, batch, *args)` fed global arrays: `batch` and the carry (last argument) from
+  this process's rows (`parallel.shard_batch`); a batch whose rows do not split over the
+  devices raises, or, given `replicated` (one process only), runs whole on every device."""
+  n_devices = mesh.shape[DATA_AXIS]
+
+  def placed(state, batch, *args):
+    leaves = jax.tree.leaves(batch)
+    rows = leaves[0].shape[0] * jax.process_count() if leaves else 0
+    if rows % n_devices:
+      if replicated is not None and jax.process_count() == 1:
+        return replicated(state, batch, *args)
+      parallel.check_divisible(rows, mesh, where)
+    *args, carry = args
+    return step(state, parallel.shard_batch(batch, mesh), *args, parallel.shard_batch(carry, mesh))
+  return placed
 
 
 def check_ids(ids, upper: int, what: str) -> None:
@@ -91,17 +115,20 @@ def make_train_step(model: nnx.Module, loss_fn: LossFn, tx: optax.GradientTransf
   `check_batch(batch)` runs on the host before the batch enters the jitted step (e.g.
   `train.lm.lm_batch_check(vocab_size)`); device-array batches are copied to the host for it.
 
-  With `mesh` (`parallel.data_mesh()`), the step is data-parallel: place `state` with
-  `parallel.replicate` and `batch` and `carry` with `parallel.shard_batch`; each device
-  draws its own randomness, and gradients, metrics and BatchNorm statistics are averaged.
+  With `mesh` (`parallel.data_mesh()`), the step is data-parallel and computes what one
+  device computes on the whole batch: place `state` with `parallel.replicate`; `batch` and
+  `carry` may be host arrays (each process gives its rows, `parallel.process_rows`) or
+  global arrays, split along their leading axis, whose size (the global batch) must divide
+  by the number of devices. Each device runs the one-device step on its rows; randomness
+  per row is drawn for the global batch and BatchNorm statistics are over the global batch
+  (see `flax_ulmfit.parallel`), gradients and metrics are averaged (a `count` metric summed).
+  Batches with explicit dropout masks (parity tests) are for one device.
   """
   model.train()
   graphdef = nnx.graphdef(model)
 
   def step(state: TrainState, batch, rng, carry):
     scale = loss_scale(state.opt_state)
-    if mesh is not None:
-      rng = jax.random.fold_in(rng, jax.lax.axis_index(DATA_AXIS))
 
     def objective(params):
       module = nnx.merge(graphdef, params, state.rest, copy=True)
@@ -112,7 +139,8 @@ def make_train_step(model: nnx.Module, loss_fn: LossFn, tx: optax.GradientTransf
 
     grads, (loss, carry, metrics, rest) = jax.grad(objective, has_aux=True)(state.params)
     if mesh is not None:
-      grads, loss, metrics, rest = _mean_over_devices((grads, loss, metrics, rest))
+      grads, loss, rest = _mean_over_devices((grads, loss, rest))
+      metrics = _metrics_over_devices(metrics)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     # The updates, not the gradients: frozen parameters' gradients then feed nothing and XLA
     # never computes them, while a non-finite gradient of a trained parameter still shows.
@@ -122,18 +150,23 @@ def make_train_step(model: nnx.Module, loss_fn: LossFn, tx: optax.GradientTransf
     metrics = dict(metrics)
     return new_state, carry, {'loss': metrics.pop('loss', loss), **metrics, 'nonfinite': ~finite}
 
-  if mesh is not None:
-    step = data_parallel(step, mesh, in_specs=(REPLICATED, BATCH, REPLICATED, BATCH),
-                         out_specs=(REPLICATED, BATCH, REPLICATED))
   # not the carry: callers may pass one zeros array twice
-  return _checked(jax.jit(step, donate_argnums=0), check_batch)
+  if mesh is None:
+    return _checked(jax.jit(step, donate_argnums=0), check_batch)
+  step = jax.jit(parallel.data_parallel(step, mesh, in_specs=(REPLICATED, BATCH, REPLICATED, BATCH),
+                                        out_specs=(REPLICATED, BATCH, REPLICATED)), donate_argnums=0)
+  return _checked(_on_mesh(step, mesh, 'make_train_step'), check_batch)
 
 
-def make_eval_step(model: nnx.Module, loss_fn: LossFn, check_batch: Callable[[Any], None] | None = None) -> Callable:
+def make_eval_step(model: nnx.Module, loss_fn: LossFn, check_batch: Callable[[Any], None] | None = None,
+                   mesh: Mesh | None = None) -> Callable:
   """Returns `step(state, batch, carry) -> (carry, metrics)`, jitted, with `model` in eval mode.
 
   `loss_fn` is called with `rng=None`; eval mode needs no randomness. `metrics['loss']` is
   `loss_fn`'s 'loss' metric if it gives one, else its loss. `check_batch` as for `make_train_step`.
+  With `mesh`, the batch is split over its devices as in `make_train_step` and the metrics
+  are the global batch's; a batch whose rows do not split over the devices (a short last
+  validation batch) runs whole on every device (one process; with several it raises).
   """
   model.eval()
   graphdef = nnx.graphdef(model)
@@ -141,9 +174,14 @@ def make_eval_step(model: nnx.Module, loss_fn: LossFn, check_batch: Callable[[An
   def step(state: TrainState, batch, carry):
     module = nnx.merge(graphdef, state.params, state.rest)
     loss, (carry, metrics) = loss_fn(module, batch, None, carry)
-    return carry, {'loss': jnp.asarray(loss, jnp.float32), **metrics}
+    metrics = {'loss': jnp.asarray(loss, jnp.float32), **metrics}
+    return carry, metrics if mesh is None or parallel.shard()[1] == 1 else _metrics_over_devices(metrics)
 
-  return _checked(jax.jit(step), check_batch)
+  if mesh is None:
+    return _checked(jax.jit(step), check_batch)
+  sharded = jax.jit(parallel.data_parallel(step, mesh, in_specs=(REPLICATED, BATCH, BATCH),
+                                           out_specs=(BATCH, REPLICATED)))
+  return _checked(_on_mesh(sharded, mesh, 'make_eval_step', replicated=jax.jit(step)), check_batch)
 
 
 def update_model(model: nnx.Module, state: TrainState) -> None:

@@ -69,7 +69,6 @@ def vision_loss(model, batch, rng: jax.Array | None, carry, *, mixup_alpha: floa
   model_kwargs = batch[3] if len(batch) > 3 else {}
   keep = y != PAD_LABEL
   y = jnp.where(keep, y, 0)
-  n = jnp.maximum(keep.sum(), 1)
   per_sample = (functools.partial(label_smoothing_cross_entropy, eps=ls_eps, reduction='none') if ls_eps
                 else functools.partial(cross_entropy, reduction='none'))
   if rng is not None and (mixup_alpha or mix is not None):
@@ -79,10 +78,10 @@ def vision_loss(model, batch, rng: jax.Array | None, carry, *, mixup_alpha: floa
   else:
     logits = model(x, **model_kwargs)
     losses = per_sample(logits, y)
-  loss = jnp.where(keep, losses, 0.0).sum() / n
+  loss = parallel.shard_mean(jnp.where(keep, losses, 0.0).sum(), keep.sum())  # over the global batch's real rows
   metrics = {'count': keep.sum()}
   if rng is None:
-    metrics['accuracy'] = jnp.where(keep, jnp.argmax(logits, -1) == y, False).sum() / n
+    metrics['accuracy'] = parallel.shard_mean(jnp.where(keep, jnp.argmax(logits, -1) == y, False).sum(), keep.sum())
   return loss, (carry, metrics)
 
 
@@ -152,7 +151,7 @@ class VisionLearner:
     self.wd_mask = jax.tree.map(lambda exempt: not exempt, optim.bn_bias_mask(model, params))
     self.frozen: tuple[str, ...] = ()
     self.stages, self.epochs_done = 0, 0
-    self.eval_step = make_eval_step(model, self.loss_fn)
+    self.eval_step = make_eval_step(model, self.loss_fn, mesh=mesh)
 
   def freeze_to(self, n: int) -> None:
     """Freezes the groups before `n` (negative counts from the end); their norm layers still train."""
