@@ -4,7 +4,8 @@ folder, and clean exits (Ctrl-C, a diverged run, bad input: a message, no traceb
 Nothing here imports JAX at import time: `use_devices` must run before JAX starts.
 
 A run folder (`--out`) holds:
-  checkpoints/   the training state (orbax), for `--resume`
+  checkpoints/   the training state (orbax), for `--resume`; a run of stages keeps one
+                 folder per stage, `checkpoints/<i>-<stage>/`
   model/         the result, replaced whole when the run ends: weights, vocabulary, labels,
                  config (never a mix of two runs)
   log.csv, losses.png, lr_find.png, token_cache/
@@ -15,6 +16,7 @@ import argparse
 import contextlib
 import math
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -57,6 +59,14 @@ def existing_file(text: str) -> Path:
   path = Path(text)
   if not path.is_file():
     raise argparse.ArgumentTypeError(f'no file at {text!r}')
+  return path
+
+
+def existing_dir(text: str) -> Path:
+  """argparse type: a path to a folder."""
+  path = Path(text)
+  if not path.is_dir():
+    raise argparse.ArgumentTypeError(f'no folder at {text!r}')
   return path
 
 
@@ -140,20 +150,18 @@ class RunFolder:
     atomic.recover_folder(self.model)
     if args.lr_find:
       return
-    from flax_ulmfit.train.checkpoints import TrainCheckpoints
-    checkpoints = TrainCheckpoints(self.checkpoints)
-    latest = checkpoints.latest_step()
-    if latest is None:
+    newest = self.newest_checkpoint()
+    if newest is None:
       if args.resume:
         print(f'--resume: no checkpoint in {self.checkpoints}: starting a new run', file=sys.stderr)
       return
     if args.overwrite:
-      checkpoints.clear()
+      shutil.rmtree(self.checkpoints)
       return
-    info = checkpoints.read_info(latest)
+    where, info = newest
     state = 'finished' if info['finished'] else f'epoch {info["epoch"]}, batch {info["batch"]}'
     if not args.resume:
-      raise FileExistsError(f'{self.path} holds a run (newest checkpoint: step {latest}, {state}); rerun with '
+      raise FileExistsError(f'{self.path} holds a run (newest checkpoint: {where}, {state}); rerun with '
                             '--resume to continue it, --overwrite to start afresh, or choose another --out')
     stored = info['meta'].get('settings', {})
     from flax_ulmfit.train.checkpoints import differences
@@ -161,6 +169,22 @@ class RunFolder:
     if diffs:
       raise ValueError(f'--resume: the run in {self.path} was started with other settings: ' + '; '.join(diffs)
                        + '. Rerun with its flags (or start a new run with --overwrite)')
+
+  def newest_checkpoint(self) -> tuple[str, dict] | None:
+    """`(where, info)` of the newest checkpoint in `checkpoints/` or, for a run of stages,
+    in its last stage folder that holds one (`checkpoints/<i>-<name>/`); None if there is none."""
+    from flax_ulmfit.train.checkpoints import TrainCheckpoints
+    if not self.checkpoints.is_dir():
+      return None
+    stages = sorted((p for p in self.checkpoints.iterdir() if p.is_dir() and p.name.split('-')[0].isdigit()),
+                    key=lambda p: int(p.name.split('-')[0]))
+    for folder in reversed(stages) if stages else [self.checkpoints]:
+      checkpoints = TrainCheckpoints(folder)
+      latest = checkpoints.latest_step()
+      if latest is not None:
+        where = f'step {latest}' if folder == self.checkpoints else f'stage {folder.name}, step {latest}'
+        return where, checkpoints.read_info(latest)
+    return None
 
   def _take_lock(self) -> None:
     try:
