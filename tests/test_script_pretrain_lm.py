@@ -79,7 +79,7 @@ def weights(out: Path) -> dict:
 
 
 def log_rows(out: Path) -> list[dict]:
-  return [{k: v for k, v in row.items() if k != 'time'} for row in csv.DictReader(open(out / 'log.csv'))]
+  return [{k: v for k, v in row.items() if k != 'time'} for row in csv.DictReader(open(out / 'log-0-all.csv'))]
 
 
 @pytest.fixture(scope='module')
@@ -93,7 +93,7 @@ def uninterrupted(tmp_path_factory, corpus, env):
 def test_pretrain_lm_trains_and_writes_its_outputs(uninterrupted):
   out, result = uninterrupted
   assert 'perplexity' in result.stdout
-  rows = list(csv.DictReader(open(out / 'log.csv')))
+  rows = list(csv.DictReader(open(out / 'log-0-all.csv')))
   assert [int(r['epoch']) for r in rows] == [0, 1]
   valid = [float(r['valid_loss']) for r in rows]
   assert valid[1] < valid[0] and valid[1] < math.log(20)  # learns; beats a guess among the 20 words
