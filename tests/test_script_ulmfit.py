@@ -1,0 +1,90 @@
+"""scripts/ulmfit.py end to end on small files the tests write (a WikiText file, a CSV): the
+three phases and their folders, predict.py reading the result, and a run killed in the
+classifier phase resumed (the finished language-model phases restored) to the same weights."""
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from tests.test_script_classifier import ROOT, PREDICT, _corpus, env, weights  # noqa: F401 (env: a fixture)
+from tests.test_script_pretrain_lm import _wikitext
+
+SCRIPT = ROOT / 'scripts' / 'ulmfit.py'
+TINY = ['--size', 'tiny', '--min-freq', '1', '--save-every', '4',
+        '--pretrain-bs', '4', '--pretrain-bptt', '16', '--pretrain-valid-pct', '0.34', '--pretrain-lr', '3e-2',
+        '--lm-bs', '4', '--lm-bptt', '16', '--lm-valid-pct', '0.2', '--lm-epochs', '1', '1',
+        '--clas-bs', '6', '--clas-bptt', '32', '--clas-max-len', '32', '--clas-drop-mult', '0.1',
+        '--clas-epochs', '1', '0', '0', '2', '--clas-lrs', '1e-1', '1e-2', '1e-2', '3e-2']
+
+KILL_IN_CLASSIFIER = textwrap.dedent('''
+    import os, runpy, signal, sys
+    from flax_ulmfit.text import data
+    make = data.ClasLoader.batches
+    def batches(self, epoch, start=0):
+      for b, batch in enumerate(make(self, epoch, start), start):
+        if self.shuffle and (epoch, b) == (0, 6):
+          os.kill(os.getpid(), signal.SIGKILL)
+        yield batch
+    data.ClasLoader.batches = batches
+    sys.argv = [{script!r}] + sys.argv[1:]
+    runpy.run_path({script!r}, run_name='__main__')
+''').format(script=str(SCRIPT))
+
+
+@pytest.fixture(scope='module')
+def files(tmp_path_factory):
+  folder = tmp_path_factory.mktemp('data')
+  return ['--wikitext', _wikitext(folder / 'wiki.train.tokens'), '--csv', _corpus(folder / 'texts.csv')]
+
+
+def run(args, env, script=None):
+  command = [sys.executable, str(SCRIPT)] if script is None else [sys.executable, '-c', script]
+  return subprocess.run(command + [str(a) for a in args], capture_output=True, text=True, cwd=ROOT, env=env,
+                        timeout=900)
+
+
+@pytest.fixture(scope='module')
+def whole(tmp_path_factory, files, env):
+  out = tmp_path_factory.mktemp('runs') / 'whole'
+  result = run([*files, *TINY, '--out', out], env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return out, result
+
+
+def test_ulmfit_runs_the_three_phases_and_predict_reads_the_result(whole, env):
+  out, result = whole
+  assert result.stdout.splitlines()[-1].startswith('accuracy=')
+  for phase in ('pretrain', 'finetune'):
+    assert sorted(p.name for p in (out / phase / 'model').iterdir()) == ['config.json', 'lm.npz', 'vocab.json']
+  assert sorted(p.name for p in (out / 'model').iterdir()) == ['classifier.npz', 'config.json', 'labels.json', 'vocab.json']
+  # the classifier reads the fine-tuned language model's vocabulary
+  assert (json.loads((out / 'model' / 'vocab.json').read_text())['itos']
+          == json.loads((out / 'finetune' / 'model' / 'vocab.json').read_text())['itos'])
+  config = json.loads((out / 'model' / 'config.json').read_text())
+  assert config['preprocess'] == {'max_chars': 1000}
+  assert 'perplexity' in result.stdout and 'valid_accuracy' in result.stdout
+  predicted = subprocess.run([sys.executable, str(PREDICT), '--model', str(out), '--json', 'bank market stock price .'],
+                             capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+  assert predicted.returncode == 0, predicted.stderr[-2000:]
+  assert json.loads(predicted.stdout)['label'] in ('money', 'sport', 'tech')
+
+
+def test_killed_in_the_classifier_phase_and_resumed_equals_the_uninterrupted_run(tmp_path, files, env, whole):
+  out = tmp_path / 'run'
+  args = [*files, *TINY, '--out', out]
+  killed = run(args, env, KILL_IN_CLASSIFIER)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  assert (out / 'finetune' / 'model').is_dir() and not (out / 'model').exists()
+  other = run([*args, '--resume', '--clas-lrs', '1e-1', '1e-2', '1e-2', '1e-2'], env)
+  assert other.returncode == 1 and 'clas_lrs' in other.stderr
+  resumed = run([*args, '--resume'], env)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'epoch 0, batch 4' in resumed.stdout
+  mine, reference = weights(out), weights(whole[0])
+  for key in reference:
+    np.testing.assert_array_equal(mine[key], reference[key], err_msg=key)
+  assert resumed.stdout.splitlines()[-1] == whole[1].stdout.splitlines()[-1]
