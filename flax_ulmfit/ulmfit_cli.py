@@ -20,6 +20,16 @@ SIZES = {'tiny': dict(emb_sz=16, n_hid=32, n_layers=2),  # a smoke test
 def add_size_arg(group, default: str) -> None:
   group.add_argument('--size', choices=sorted(SIZES), default=default,
                      help="AWD-LSTM size: tiny 16/32/2; small 400/400/3; fastai: awd_lstm_lm_config's 400/1152/3")
+  group.add_argument('--emb-sz', type=cli.positive_int, help='embedding size (overrides --size)')
+  group.add_argument('--n-hid', type=cli.positive_int, help='hidden size of the inner LSTM layers (overrides --size)')
+  group.add_argument('--n-layers', type=cli.positive_int, help='LSTM layers (overrides --size)')
+
+
+def sizes(args: argparse.Namespace) -> dict:
+  """`{emb_sz, n_hid, n_layers}` from --size and its overrides."""
+  from flax_ulmfit.models import awd_lstm_lm_config
+  chosen = dict(awd_lstm_lm_config, **SIZES[args.size])
+  return {k: getattr(args, k) or chosen[k] for k in ('emb_sz', 'n_hid', 'n_layers')}
 
 
 def add_labelled_args(parser: argparse.ArgumentParser) -> None:
@@ -141,6 +151,13 @@ def read_labelled(args: argparse.Namespace) -> tuple[list[str], list[str], list[
   return preprocess(train, args.max_chars), train_y, preprocess(valid, args.max_chars), valid_y, source
 
 
+def pretrain_recipe(args: argparse.Namespace):
+  """pretrain_lm.py's recipe: fastai's language-model training in one stage (Adam eps 1e-5,
+  one-cycle with div 25, momentum 0.8/0.7/0.8) with the phase's rate, epochs, dropout, wd, clip."""
+  from flax_ulmfit import ulmfit
+  return recipe(ulmfit.Recipe(stages=(ulmfit.Stage('all', 1, 5e-3, freeze_to=0),), drop_mult=1.0), args)
+
+
 def split_texts(texts: list[str], valid_pct: float, seed: int) -> tuple[list[str], list[str]]:
   """A language model's (train, valid) texts: `split`'s rule over `texts`."""
   train, valid = split(len(texts), valid_pct, seed)
@@ -177,7 +194,7 @@ def lm_phase(args: argparse.Namespace, run: cli.RunFolder, train_texts: list[str
   dtype = precision.get_policy(args.precision).compute_dtype
   rngs = nnx.Rngs(params=args.seed, dropout=args.seed + 1)
   if isinstance(start, tuple):
-    config = dict(awd_lstm_lm_config, **SIZES[args.size])
+    config = dict(awd_lstm_lm_config, **sizes(args))
     lm = ulmfit.load_pretrained(LanguageModel(len(vocab), config, args.drop_mult, dtype=dtype, rngs=rngs), *start, vocab)
     print(f'language model: fastai weights {start[0]} moved onto the new vocabulary')
   elif start is not None:
@@ -189,7 +206,7 @@ def lm_phase(args: argparse.Namespace, run: cli.RunFolder, train_texts: list[str
     print(f'language model: {start} ({len(old_vocab):,} tokens) moved onto the new vocabulary ({known:,} of '
           f'{len(vocab):,} tokens known)')
   else:
-    config = dict(awd_lstm_lm_config, **SIZES[args.size])
+    config = dict(awd_lstm_lm_config, **sizes(args))
     lm = LanguageModel(len(vocab), config, args.drop_mult, dtype=dtype, rngs=rngs)
   too_high = {k: p * args.drop_mult for k, p in config.items() if k.endswith('_p') and p * args.drop_mult >= 1}
   if too_high:
@@ -217,12 +234,11 @@ def classifier_phase(args: argparse.Namespace, run: cli.RunFolder, data, tokeniz
                      mesh=None, lm=None) -> list[dict]:
   """Trains a text classifier through `recipe` and exports it to `run.model` (what
   `predict.py --model` reads). `data`: `read_labelled`'s tuple; `lm`: a language model's
-  folder whose vocabulary and encoder it starts from (None: a random encoder of `args.size`,
+  folder whose vocabulary and encoder it starts from (None: a random encoder of `sizes(args)`,
   vocabulary from the training texts). Uses args: min_freq, max_vocab, size, drop_mult, bs,
   bptt, max_len, max_chars, precision, seed, save_every, resume, lr_find."""
   from flax_ulmfit import exports, ulmfit
   from flax_ulmfit.interop import flax_to_torch, load_encoder
-  from flax_ulmfit.models import awd_lstm_clas_config
   from flax_ulmfit.text import Vocab
   from flax_ulmfit.text.data import ClasLoader
   from flax_ulmfit.text.labels import CategoryMap
@@ -237,11 +253,11 @@ def classifier_phase(args: argparse.Namespace, run: cli.RunFolder, data, tokeniz
     lm_model, vocab, info = exports.load_lm(lm)
     if vocab.tokenizer != tokenizer.name:
       raise ValueError(f'{lm}: its vocabulary was made by tokenizer {vocab.tokenizer!r}, not {tokenizer.name!r}')
-    sizes, encoder = {k: info['config'][k] for k in ('emb_sz', 'n_hid', 'n_layers')}, flax_to_torch(lm_model.encoder)
+    shape, encoder = {k: info['config'][k] for k in ('emb_sz', 'n_hid', 'n_layers')}, flax_to_torch(lm_model.encoder)
   else:
     vocab = Vocab.from_tokens(train_tokens, max_vocab=args.max_vocab, min_freq=args.min_freq, tokenizer=tokenizer.name)
-    sizes = {k: dict(awd_lstm_clas_config, **SIZES[args.size])[k] for k in ('emb_sz', 'n_hid', 'n_layers')}
-  arch = {'config': sizes, 'drop_mult': args.drop_mult, 'seq_len': args.bptt, 'max_len': args.max_len}
+    shape = sizes(args)
+  arch = {'config': shape, 'drop_mult': args.drop_mult, 'seq_len': args.bptt, 'max_len': args.max_len}
   clf = exports.build_classifier(len(vocab), len(labels), arch, dtype=precision.get_policy(args.precision).compute_dtype,
                                  seed=args.seed)
   if encoder is not None:
@@ -254,7 +270,7 @@ def classifier_phase(args: argparse.Namespace, run: cli.RunFolder, data, tokeniz
         f'{labels.classes}, vocab {len(vocab):,}, encoder {"from " + str(lm) if lm else "random"}, '
         f'{len(train_dl)} batches of {args.bs} per epoch', flush=True)
   if args.lr_find:
-    _lr_find(clf, ulmfit.awd_lstm_clas_split(sizes['n_layers']), recipe, clas_loss,
+    _lr_find(clf, ulmfit.awd_lstm_clas_split(shape['n_layers']), recipe, clas_loss,
              [b for _, b in zip(range(100), train_dl.batches(0))], args, run)
     return []
   history = ulmfit.train_classifier(clf, train_dl, valid_dl, recipe, precision=args.precision, mesh=mesh,

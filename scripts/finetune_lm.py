@@ -6,8 +6,8 @@ all layers, each a one-cycle (momentum 0.8/0.7/0.8, fresh Adam state per stage, 
 The pretrained model: --lm (the --out of pretrain_lm.py), or fastai's files (--pretrained
 WEIGHTS.pth --pretrained-vocab ITOS.pkl, e.g. fastai's published WikiText-103 model, with
 --size fastai); neither trains from random weights. The texts: the training part of the
-labelled data (the same --valid-pct/--split-seed split as train_classifier.py, so no
-validation text is seen), by default the embedded BBC News. --out holds checkpoints/
+labelled data (the same --valid-pct/--split-seed split as train_classifier.py: the
+validation texts only measure the perplexity, never train), by default the embedded BBC News. --out holds checkpoints/
 (--resume), log-<i>-<stage>.csv, losses-<i>-<stage>.png and, when training ends, model/
 (lm.npz, vocab.json, config.json: train_classifier.py --lm reads it).
 
@@ -26,8 +26,6 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   ulmfit_cli.add_labelled_args(parser)
-  parser.add_argument('--lm-valid-pct', type=cli.fraction, default=0.1,
-                      help="share of the language model's texts held out to measure its perplexity")
   start = parser.add_argument_group('pretrained model (default: random weights)')
   start.add_argument('--lm', type=cli.existing_dir, help='a pretrain_lm.py run (its --out) or model/ folder')
   start.add_argument('--pretrained', type=cli.existing_file, help="fastai's weights (.pth state_dict)")
@@ -51,8 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> list[dict]:
-  texts = ulmfit_cli.read_labelled(args)[0]
-  train_texts, valid_texts = ulmfit_cli.split_texts(texts, args.lm_valid_pct, args.seed)
+  train_texts, _, valid_texts, _, _ = ulmfit_cli.read_labelled(args)
   run = cli.RunFolder(args.out)
   run.open(args)
   mesh = cli.device_mesh(args.devices)

@@ -1,8 +1,7 @@
 """Trains an AWD-LSTM language model on the embedded Wikipedia sample (or a WikiText file).
 
-fastai's recipe (its WikiText tutorial): fastai tokenization and vocabulary, LM streams of
-`bptt` tokens, Adam (eps 1e-7, one-cycle with div 10 and momentum 0.8/0.7/0.8, weight decay
-except biases), gradient clipping, AR/TAR. Prints a table per epoch with train/valid loss
+fastai's recipe: fastai tokenization and vocabulary, LM streams of `bptt` tokens, Adam with
+one-cycle LR and 0.8/0.7/0.8 momentum, weight decay except biases, gradient clipping, AR/TAR. Prints a table per epoch with train/valid loss
 and perplexity. --out holds checkpoints/ (resume with --resume), log-0-all.csv,
 losses-0-all.png and, when training ends, model/ with the weights (fastai state_dict names,
 lm.npz), vocab.json and config.json, written together (finetune_lm.py --lm reads it).
@@ -47,10 +46,9 @@ def main(args: argparse.Namespace) -> list[dict]:
   run = cli.RunFolder(args.out)
   run.open(args)
   mesh = cli.device_mesh(args.devices)
-  from flax_ulmfit import ulmfit
   from flax_ulmfit.text import Tokenizer
   return ulmfit_cli.lm_phase(args, run, train_texts, valid_texts, Tokenizer(cache_dir=run.token_cache),
-                             ulmfit_cli.recipe(ulmfit.LM_PRETRAIN, args), cli.settings(args), mesh=mesh)
+                             ulmfit_cli.pretrain_recipe(args), cli.settings(args), mesh=mesh)
 
 
 if __name__ == '__main__':

@@ -2,8 +2,9 @@
 
 With no arguments, the embedded demo: an AWD-LSTM language model pretrained on the Wikipedia
 sample (gensim's test data), fine-tuned on the training texts of BBC News (2,225 articles,
-5 classes; valid = numpy.random.RandomState(42).permutation(2225)[:445], never seen by the
-language model), then the classifier trained with gradual unfreezing. Prints a table per
+5 classes; valid = numpy.random.RandomState(42).permutation(2225)[:445], on which the
+language model only measures its perplexity), then the classifier trained with gradual
+unfreezing. Prints a table per
 stage (losses, perplexity, accuracy), a summary, and last `accuracy=<validation accuracy>`.
 --no-pretrain trains the same classifier from a random encoder (the transfer gain); --quick
 runs the same stages on a fraction of the data for a first look.
@@ -27,11 +28,14 @@ from pathlib import Path
 from flax_ulmfit import cli, ulmfit_cli  # import no JAX: --devices must be set first
 
 # The demo's configuration: every default of this script is here.
+# Measured on 2 cores (docs/ulmfit.md): the first 1,000 characters of each article, a
+# 200/400/2 AWD-LSTM, vocabularies of at most 12,000 tokens.
 DEMO = dict(
-    size='small', max_chars=1000, precision='fp32',
-    pretrain=dict(ulmfit_cli.PRETRAIN, epochs=[1], lrs=[5e-3], bs=32, bptt=72),
-    finetune=dict(ulmfit_cli.FINETUNE, epochs=[1, 1], lrs=[2e-2, 2e-3], bs=32, bptt=72),
-    classifier=dict(ulmfit_cli.CLASSIFIER, epochs=[1, 1, 1, 2], lrs=[2e-2, 1e-2, 5e-3, 1e-3], bs=32, bptt=72),
+    size=dict(emb_sz=200, n_hid=400, n_layers=2), max_chars=1000, max_vocab=12000, precision='fp32',
+    pretrain=dict(ulmfit_cli.PRETRAIN, drop_mult=0.5, epochs=[2], lrs=[1e-2], bs=32, bptt=72, wd=0.01, clip=0.25),
+    finetune=dict(ulmfit_cli.FINETUNE, drop_mult=0.3, epochs=[1, 4], lrs=[2e-2, 5e-3], bs=32, bptt=72),
+    classifier=dict(ulmfit_cli.CLASSIFIER, drop_mult=0.5, epochs=[1, 1, 1, 4], lrs=[2e-2, 1e-2, 5e-3, 2e-3], bs=32,
+                    bptt=72, max_len=1440),
 )
 # --quick: the same stages on the first PRETRAIN_DOCS Wikipedia articles and a FRACTION of
 # the task's train and valid texts.
@@ -52,16 +56,20 @@ def parse_args(argv=None) -> argparse.Namespace:
   wiki = parser.add_argument_group('language model pretraining data')
   wiki.add_argument('--wikitext', type=cli.existing_file, help='a WikiText token file (default: the embedded sample)')
   wiki.add_argument('--pretrain-valid-pct', type=cli.fraction, default=0.1, help='articles held out for perplexity')
-  wiki.add_argument('--lm-valid-pct', type=cli.fraction, default=0.1,
-                    help="share of the task's training texts held out for the fine-tuned LM's perplexity")
-  model = parser.add_argument_group('model (one AWD-LSTM size for every phase)')
-  ulmfit_cli.add_size_arg(model, DEMO['size'])
+  model = parser.add_argument_group('model (one AWD-LSTM for every phase; default: {emb_sz}/{n_hid}/{n_layers})'
+                                    .format(**DEMO['size']))
+  ulmfit_cli.add_size_arg(model, None)
   for phase, prefix in PHASES:
     ulmfit_cli.add_training_args(parser.add_argument_group(f'{phase} (--{prefix}...)'), DEMO[phase], prefix)
   ulmfit_cli.add_vocab_args(parser)
+  parser.set_defaults(max_vocab=DEMO['max_vocab'])
   cli.add_run_args(parser, out='runs/ulmfit')
   parser.set_defaults(precision=DEMO['precision'])
   args = parser.parse_args(argv)
+  if args.size is None:  # the demo's size, where no flag sets one
+    args.size = 'small'
+    for key, value in DEMO['size'].items():
+      setattr(args, key, getattr(args, key) or value)
   if args.no_pretrain and args.out == Path('runs/ulmfit'):
     args.out = Path('runs/ulmfit_no_pretrain')
   try:
@@ -103,13 +111,12 @@ def main(args: argparse.Namespace) -> list[dict]:
     print(f'== pretraining the language model on {len(wiki)} Wikipedia articles', flush=True)
     history = ulmfit_cli.lm_phase(phases['pretrain'], runs['pretrain'],
                                   *ulmfit_cli.split_texts(wiki, args.pretrain_valid_pct, args.seed), tokenizer,
-                                  ulmfit_cli.recipe(ulmfit.LM_PRETRAIN, phases['pretrain']),
+                                  ulmfit_cli.pretrain_recipe(phases['pretrain']),
                                   settings, mesh=mesh)
     if args.lr_find:
       return []
     print(f'== fine-tuning the language model on the {len(train):,} training texts of {source}', flush=True)
-    ulmfit_cli.lm_phase(phases['finetune'], runs['finetune'],
-                        *ulmfit_cli.split_texts(train, args.lm_valid_pct, args.seed), tokenizer,
+    ulmfit_cli.lm_phase(phases['finetune'], runs['finetune'], train, valid, tokenizer,
                         ulmfit_cli.recipe(ulmfit.LM_FINETUNE, phases['finetune']), settings, mesh=mesh,
                         start=runs['pretrain'].path)
     lm = runs['finetune'].path

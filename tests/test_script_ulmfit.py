@@ -16,7 +16,7 @@ from tests.test_script_pretrain_lm import _wikitext
 SCRIPT = ROOT / 'scripts' / 'ulmfit.py'
 TINY = ['--size', 'tiny', '--min-freq', '1', '--save-every', '4',
         '--pretrain-bs', '4', '--pretrain-bptt', '16', '--pretrain-valid-pct', '0.34', '--pretrain-lr', '3e-2',
-        '--lm-bs', '4', '--lm-bptt', '16', '--lm-valid-pct', '0.2', '--lm-epochs', '1', '1',
+        '--lm-bs', '4', '--lm-bptt', '16', '--lm-epochs', '1', '1',
         '--clas-bs', '6', '--clas-bptt', '32', '--clas-max-len', '32', '--clas-drop-mult', '0.1',
         '--clas-epochs', '1', '0', '0', '2', '--clas-lrs', '1e-1', '1e-2', '1e-2', '3e-2']
 
