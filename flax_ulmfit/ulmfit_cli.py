@@ -103,6 +103,16 @@ def phase_args(args: argparse.Namespace, prefix: str = '') -> argparse.Namespace
   return out
 
 
+def parsed_phase(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+  """A one-phase script's `phase_args(args)`, its run flags checked (errors exit through `parser.error`)."""
+  try:
+    args = phase_args(args)
+  except ValueError as err:
+    parser.error(str(err))
+  cli.check_run_args(parser, args, args.bs)
+  return args
+
+
 def recipe(preset, args: argparse.Namespace):
   """`preset` (a `ulmfit.Recipe`) with the phase's epochs, rates, dropout, wd, clip, bs and bptt."""
   from flax_ulmfit import ulmfit
@@ -216,7 +226,7 @@ def lm_phase(args: argparse.Namespace, run: cli.RunFolder, train_texts: list[str
   print(f'{len(train_texts):,} train / {len(valid_texts):,} valid texts, {sum(map(len, train_tokens)):,} train tokens, '
         f'vocab {len(vocab):,}, {len(train_dl)} batches of {args.bs}x{args.bptt} per epoch', flush=True)
   if args.lr_find:
-    _lr_find(lm, ulmfit.awd_lstm_lm_split(config['n_layers']), recipe, lm_loss, list(train_dl.batches(0))[:100],
+    _lr_find(lm, ulmfit.awd_lstm_lm_split(config['n_layers']), recipe, lm_loss, [b for _, b in zip(range(100), train_dl.batches(0))],
              args, run, init_carry=lambda batch: lm.zero_state(batch[0].shape[0]))
     return []
   history = ulmfit.train_lm(lm, train_dl, valid_dl, recipe, precision=args.precision, mesh=mesh, seed=args.seed,

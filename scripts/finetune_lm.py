@@ -40,12 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.error('--pretrained and --pretrained-vocab go together (the weights and their vocabulary)')
   if args.lm is not None and args.pretrained is not None:
     parser.error('give --lm or --pretrained, not both')
-  try:
-    args = ulmfit_cli.phase_args(args)
-  except ValueError as err:
-    parser.error(str(err))
-  cli.check_run_args(parser, args, args.bs)
-  return args
+  return ulmfit_cli.parsed_phase(parser, args)
 
 
 def main(args: argparse.Namespace) -> list[dict]:

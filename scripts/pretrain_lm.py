@@ -30,10 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   ulmfit_cli.add_size_arg(model, 'small')
   ulmfit_cli.add_training_args(model, ulmfit_cli.PRETRAIN)
   cli.add_run_args(parser, out='runs/pretrain_lm')
-  args = parser.parse_args(argv)
-  args = ulmfit_cli.phase_args(args)
-  cli.check_run_args(parser, args, args.bs)
-  return args
+  return ulmfit_cli.parsed_phase(parser, parser.parse_args(argv))
 
 
 def main(args: argparse.Namespace) -> list[dict]:

@@ -33,12 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   ulmfit_cli.add_vocab_args(parser)
   cli.add_run_args(parser, out='runs/train_classifier')
   args = parser.parse_args(argv)
-  try:
-    args = ulmfit_cli.phase_args(args)
-  except ValueError as err:
-    parser.error(str(err))
-  cli.check_run_args(parser, args, args.bs)
-  return args
+  return ulmfit_cli.parsed_phase(parser, args)
 
 
 def main(args: argparse.Namespace) -> list[dict]:

@@ -10,13 +10,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests import script_runs
+
+ROOT = script_runs.ROOT
 TRAIN = ROOT / 'scripts' / 'train_classifier.py'
 PREDICT = ROOT / 'scripts' / 'predict.py'
 # 12 batches of 6 per epoch; epochs cost ~0.05 s once compiled
@@ -44,10 +45,7 @@ def _corpus(path: Path) -> Path:
 
 @pytest.fixture(scope='module')
 def env(tmp_path_factory):
-  """Subprocess environment with a shared JAX compilation cache (the runs compile the same steps)."""
-  cache = tmp_path_factory.mktemp('jax_cache')
-  return dict(os.environ, PYTHONPATH=str(ROOT), JAX_COMPILATION_CACHE_DIR=str(cache),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  return script_runs.script_env(tmp_path_factory.mktemp('jax_cache'))
 
 
 @pytest.fixture(scope='module')
@@ -55,32 +53,12 @@ def corpus(tmp_path_factory):
   return _corpus(tmp_path_factory.mktemp('corpus') / 'texts.csv')
 
 
-def run(script, args, env, **kw):
-  return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True, cwd=ROOT,
-                        env=env, timeout=600, **kw)
-
-
-# Runs train_classifier.py in this process after arranging for a signal to hit it when the
-# training loader makes batch B of (loader) epoch E: the stage 'all' reads loader epoch 1.
-SIGNAL_AT = textwrap.dedent('''
-    import os, runpy, sys
-    from flax_ulmfit.text import data
-    sig, epoch_at, batch_at, argv = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
-    make = data.ClasLoader.batches
-    def batches(self, epoch, start=0):
-      for b, batch in enumerate(make(self, epoch, start), start):
-        if self.shuffle and (epoch, b) == (epoch_at, batch_at):
-          os.kill(os.getpid(), sig)
-        yield batch
-    data.ClasLoader.batches = batches
-    sys.argv = [{script!r}] + argv
-    runpy.run_path({script!r}, run_name='__main__')
-''').format(script=str(TRAIN))
+run = script_runs.run
 
 
 def run_with_signal(sig, epoch, batch, args, env):
-  return subprocess.run([sys.executable, '-c', SIGNAL_AT, str(int(sig)), str(epoch), str(batch), *map(str, args)],
-                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+  """The stage 'all' reads the loader's epoch 1."""
+  return script_runs.run_with_signal(TRAIN, 'ClasLoader', sig, epoch, batch, args, env)
 
 
 def weights(out: Path) -> dict:

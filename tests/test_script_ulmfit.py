@@ -3,37 +3,20 @@ three phases and their folders, predict.py reading the result, and a run killed 
 classifier phase resumed (the finished language-model phases restored) to the same weights."""
 import json
 import signal
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 
-from tests.test_script_classifier import ROOT, PREDICT, _corpus, env, weights  # noqa: F401 (env: a fixture)
+from tests import script_runs
+from tests.test_script_classifier import PREDICT, _corpus, env, weights  # noqa: F401 (env: a fixture)
 from tests.test_script_pretrain_lm import _wikitext
 
-SCRIPT = ROOT / 'scripts' / 'ulmfit.py'
+SCRIPT = script_runs.ROOT / 'scripts' / 'ulmfit.py'
 TINY = ['--size', 'tiny', '--min-freq', '1', '--save-every', '4',
         '--pretrain-bs', '4', '--pretrain-bptt', '16', '--pretrain-valid-pct', '0.34', '--pretrain-lr', '3e-2',
         '--lm-bs', '4', '--lm-bptt', '16', '--lm-epochs', '1', '1',
         '--clas-bs', '6', '--clas-bptt', '32', '--clas-max-len', '32', '--clas-drop-mult', '0.1',
         '--clas-epochs', '1', '0', '0', '2', '--clas-lrs', '1e-1', '1e-2', '1e-2', '3e-2']
-
-KILL_IN_CLASSIFIER = textwrap.dedent('''
-    import os, runpy, signal, sys
-    from flax_ulmfit.text import data
-    make = data.ClasLoader.batches
-    def batches(self, epoch, start=0):
-      for b, batch in enumerate(make(self, epoch, start), start):
-        if self.shuffle and (epoch, b) == (0, 6):
-          os.kill(os.getpid(), signal.SIGKILL)
-        yield batch
-    data.ClasLoader.batches = batches
-    sys.argv = [{script!r}] + sys.argv[1:]
-    runpy.run_path({script!r}, run_name='__main__')
-''').format(script=str(SCRIPT))
-
 
 @pytest.fixture(scope='module')
 def files(tmp_path_factory):
@@ -41,10 +24,8 @@ def files(tmp_path_factory):
   return ['--wikitext', _wikitext(folder / 'wiki.train.tokens'), '--csv', _corpus(folder / 'texts.csv')]
 
 
-def run(args, env, script=None):
-  command = [sys.executable, str(SCRIPT)] if script is None else [sys.executable, '-c', script]
-  return subprocess.run(command + [str(a) for a in args], capture_output=True, text=True, cwd=ROOT, env=env,
-                        timeout=900)
+def run(args, env):
+  return script_runs.run(SCRIPT, args, env, timeout=900)
 
 
 @pytest.fixture(scope='module')
@@ -67,8 +48,7 @@ def test_ulmfit_runs_the_three_phases_and_predict_reads_the_result(whole, env):
   config = json.loads((out / 'model' / 'config.json').read_text())
   assert config['preprocess'] == {'max_chars': 1000}
   assert 'perplexity' in result.stdout and 'valid_accuracy' in result.stdout
-  predicted = subprocess.run([sys.executable, str(PREDICT), '--model', str(out), '--json', 'bank market stock price .'],
-                             capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+  predicted = script_runs.run(PREDICT, ['--model', out, '--json', 'bank market stock price .'], env)
   assert predicted.returncode == 0, predicted.stderr[-2000:]
   assert json.loads(predicted.stdout)['label'] in ('money', 'sport', 'tech')
 
@@ -76,7 +56,7 @@ def test_ulmfit_runs_the_three_phases_and_predict_reads_the_result(whole, env):
 def test_killed_in_the_classifier_phase_and_resumed_equals_the_uninterrupted_run(tmp_path, files, env, whole):
   out = tmp_path / 'run'
   args = [*files, *TINY, '--out', out]
-  killed = run(args, env, KILL_IN_CLASSIFIER)
+  killed = script_runs.run_with_signal(SCRIPT, 'ClasLoader', signal.SIGKILL, 0, 6, args, env, timeout=900)
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
   assert (out / 'finetune' / 'model').is_dir() and not (out / 'model').exists()
   other = run([*args, '--resume', '--clas-lrs', '1e-1', '1e-2', '1e-2', '1e-2'], env)
