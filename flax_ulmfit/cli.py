@@ -27,7 +27,7 @@ from flax_ulmfit import atomic
 
 PRECISIONS = ('fp32', 'bf16', 'fp16')
 # flags that may differ when a run is resumed (they do not change what is trained)
-RESUMABLE_CHANGES = ('out', 'resume', 'overwrite', 'save_every', 'devices', 'lr_find')
+RESUMABLE_CHANGES = ('out', 'resume', 'overwrite', 'save_every', 'devices', 'lr_find', 'export_fastai')
 
 
 def _number(kind: type, test: Callable[[Any], bool], wanted: str):

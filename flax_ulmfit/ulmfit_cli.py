@@ -6,6 +6,7 @@ Imports no JAX at import time (`cli.use_devices` must run first).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,11 @@ def add_labelled_args(parser: argparse.ArgumentParser) -> None:
                     help='valid = numpy.random.RandomState(SEED).permutation(n)[:round(n * valid_pct)]')
   data.add_argument('--max-chars', type=cli.positive_int,
                     help='keep only the first N characters of each text (saved with the model: predict.py does the same)')
+
+
+def add_export_arg(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument('--export-fastai', action='store_true',
+                      help="also write model/lm.pth, lm.pkl (fastai's load_pretrained) and encoder.pth (load_encoder); needs torch")
 
 
 def add_vocab_args(parser: argparse.ArgumentParser) -> None:
@@ -105,6 +111,8 @@ def phase_args(args: argparse.Namespace, prefix: str = '') -> argparse.Namespace
 
 def parsed_phase(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
   """A one-phase script's `phase_args(args)`, its run flags checked (errors exit through `parser.error`)."""
+  if getattr(args, 'export_fastai', False) and importlib.util.find_spec('torch') is None:
+    parser.error('--export-fastai writes torch files: pip install torch (or "flax_ulmfit[torch]")')
   try:
     args = phase_args(args)
   except ValueError as err:
@@ -188,7 +196,7 @@ def lm_phase(args: argparse.Namespace, run: cli.RunFolder, train_texts: list[str
   `start`: None (random weights, config from `args.size`), a model folder (`exports.save_lm`'s)
   whose weights are moved onto the new vocabulary (`match_embeds`), or `(weights, itos)`,
   fastai's files (`ulmfit.load_pretrained`). Uses args: min_freq, max_vocab, size, drop_mult,
-  bs, bptt, precision, seed, save_every, resume, lr_find."""
+  bs, bptt, precision, seed, save_every, resume, lr_find, export_fastai (optional)."""
   from flax import nnx
 
   from flax_ulmfit import exports, ulmfit
@@ -234,6 +242,9 @@ def lm_phase(args: argparse.Namespace, run: cli.RunFolder, train_texts: list[str
                             meta={'settings': settings, 'config': config, 'vocab': vocab.itos})
   with run.export() as stage:
     exports.save_lm(stage, lm, vocab, config, settings=settings, history=history)
+    if getattr(args, 'export_fastai', False):  # lm.pth + lm.pkl (fastai's load_pretrained), encoder.pth (load_encoder)
+      ulmfit.save_pretrained(lm, vocab, stage / 'lm')
+      ulmfit.save_encoder(lm, stage / 'encoder.pth')
   last = history[-1]
   print(f'language model: valid loss {last["valid_loss"]:.4f}, perplexity {last["perplexity"]:.1f}; weights, '
         f'vocabulary and config in {run.model}/, logs and plots in {run.path}/', flush=True)

@@ -34,6 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   ulmfit_cli.add_size_arg(model, 'small')
   ulmfit_cli.add_training_args(model, ulmfit_cli.FINETUNE)
   ulmfit_cli.add_vocab_args(parser)
+  ulmfit_cli.add_export_arg(parser)
   cli.add_run_args(parser, out='runs/finetune_lm')
   args = parser.parse_args(argv)
   if (args.pretrained is None) != (args.pretrained_vocab is None):

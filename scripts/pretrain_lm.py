@@ -29,6 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   model = parser.add_argument_group('model and training')
   ulmfit_cli.add_size_arg(model, 'small')
   ulmfit_cli.add_training_args(model, ulmfit_cli.PRETRAIN)
+  ulmfit_cli.add_export_arg(parser)
   cli.add_run_args(parser, out='runs/pretrain_lm')
   return ulmfit_cli.parsed_phase(parser, parser.parse_args(argv))
 

@@ -68,3 +68,33 @@ def test_killed_in_the_classifier_phase_and_resumed_equals_the_uninterrupted_run
   for key in reference:
     np.testing.assert_array_equal(mine[key], reference[key], err_msg=key)
   assert resumed.stdout.splitlines()[-1] == whole[1].stdout.splitlines()[-1]
+
+
+def test_finetune_lm_from_fastai_files_and_export_for_fastai(tmp_path, files, env):
+  """finetune_lm.py --pretrained/--pretrained-vocab reads a fastai state_dict and itos pickle
+  (written here by save_pretrained, as fastai writes them) and --export-fastai writes files
+  fastai's load_pretrained / load_encoder read: the vocabulary and shapes of the fine-tuned model."""
+  from flax import nnx
+
+  from flax_ulmfit import ulmfit
+  from flax_ulmfit.interop import fastai_files
+  from flax_ulmfit.models import LanguageModel, awd_lstm_lm_config
+  from flax_ulmfit.text.rules import SPECIAL_TOKENS
+  itos = list(SPECIAL_TOKENS) + ['bank', 'market', 'goal', 'team', 'robot', 'the', 'elsewhere']
+  itos += ['xxfake'] * (-len(itos) % 8)
+  lm = LanguageModel(len(itos), dict(awd_lstm_lm_config, emb_sz=16, n_hid=32, n_layers=2), rngs=nnx.Rngs(0))
+  weights, vocab = ulmfit.save_pretrained(lm, itos, tmp_path / 'wt')
+  out = tmp_path / 'run'
+  result = script_runs.run(script_runs.ROOT / 'scripts' / 'finetune_lm.py',
+                           [files[2], files[3], '--pretrained', weights, '--pretrained-vocab', vocab, '--size', 'tiny',
+                            '--min-freq', '1', '--bs', '4', '--bptt', '16', '--epochs', '1', '1', '--export-fastai',
+                            '--out', out], env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'fastai weights' in result.stdout and 'perplexity' in result.stdout
+  model = out / 'model'
+  assert sorted(p.name for p in model.iterdir()) == ['config.json', 'encoder.pth', 'lm.npz', 'lm.pkl', 'lm.pth', 'vocab.json']
+  new_itos = json.loads((model / 'vocab.json').read_text())['itos']
+  assert fastai_files.read_itos(model / 'lm.pkl') == new_itos and 'market' in new_itos
+  encoder = fastai_files.read_state_dict(model / 'encoder.pth')
+  assert encoder['encoder.weight'].shape == (len(new_itos), 16)
+  assert fastai_files.read_state_dict(model / 'lm.pth')['1.decoder.bias'].shape == (len(new_itos),)
