@@ -217,7 +217,7 @@ def test_a_diverging_run_stops_and_keeps_the_finished_model(tmp_path, corpus, en
     (['--valid-pct', '0'], '--valid-pct: expected a number strictly between 0 and 1'),
     (['--csv', 'nope.csv'], "no file at 'nope.csv'"),
     (['--lm', 'nope'], "no folder at 'nope'"),
-    (['--csv', 'x.csv', '--folder', 'x'], 'not allowed with argument'),
+    (['--folder', 'x', '--imdb', 'y'], 'not allowed with argument'),
 ])
 def test_bad_flags_are_refused_before_any_work(tmp_path, flags, message):
   result = subprocess.run([sys.executable, str(TRAIN), '--out', str(tmp_path / 'run'), *flags], capture_output=True,
