@@ -4,8 +4,8 @@ folder, and clean exits (Ctrl-C, a diverged run, bad input: a message, no traceb
 Nothing here imports JAX at import time: `use_devices` must run before JAX starts.
 
 A run folder (`--out`) holds:
-  checkpoints/   the training state (orbax), for `--resume` (a run of several stages:
-                 checkpoints/stage-<k>/)
+  checkpoints/   the training state (orbax), for `--resume`; a run of stages keeps one
+                 folder per stage, `checkpoints/<i>-<stage>/`
   model/         the result, replaced whole when the run ends: weights, vocabulary, labels,
                  config (never a mix of two runs)
   log.csv, losses.png, lr_find.png, token_cache/
@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import math
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -27,7 +28,7 @@ from flax_ulmfit import atomic
 PRECISIONS = ('fp32', 'bf16', 'fp16')
 # flags that may differ when a run is resumed (they do not change what is trained)
 RESUMABLE_CHANGES = ('out', 'resume', 'overwrite', 'save_every', 'devices', 'lr_find', 'no_progress',
-                     'coordinator', 'num_processes', 'process_id')
+                     'export_fastai', 'coordinator', 'num_processes', 'process_id')
 
 
 def _number(kind: type, test: Callable[[Any], bool], wanted: str):
@@ -60,6 +61,14 @@ def existing_file(text: str) -> Path:
   path = Path(text)
   if not path.is_file():
     raise argparse.ArgumentTypeError(f'no file at {text!r}')
+  return path
+
+
+def existing_dir(text: str) -> Path:
+  """argparse type: a path to a folder."""
+  path = Path(text)
+  if not path.is_dir():
+    raise argparse.ArgumentTypeError(f'no folder at {text!r}')
   return path
 
 
@@ -192,6 +201,26 @@ def start_jax(args: argparse.Namespace) -> None:
   with the several-hosts flags."""
   use_devices(args.devices)
   init_distributed(args.coordinator, args.num_processes, args.process_id)
+
+
+def open_run(run: 'RunFolder', args: argparse.Namespace, script: str, several_processes: bool = True) -> bool:
+  """`run.open(args)` for a job of one or several processes: process 0 opens (and locks) the
+  folder while the others wait. Returns whether the run continues from a checkpoint.
+
+  `several_processes=False` (a script whose data is not yet split by process), and
+  `--lr-find`, refuse a job of several processes."""
+  import jax
+  several = jax.process_count() > 1
+  if several and not several_processes:
+    raise ValueError(f'{script} runs on one process (its data is not split by process): run it without '
+                     '--coordinator / --num-processes (--devices still splits each batch over local devices)')
+  if several and args.lr_find:
+    raise ValueError('--lr-find runs on one process: run it without --coordinator / --num-processes')
+  resuming = run.open(args) if is_primary() else bool(args.resume)
+  if several:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f'{script}: run folder open')
+  return resuming
 
 
 def is_primary() -> bool:

@@ -9,6 +9,10 @@
   as fastai's `Learner` builds it (`freeze_to`, discriminative rates, one-cycle with text
   momentum, weight decay except norm layers and biases, clipping).
 
+- The stages as runners: `run_recipe` (any model, split and loss), `train_lm` (pretraining
+  or fine-tuning a language model) and `train_classifier` (gradual unfreezing), each stage a
+  `fit` with checkpoints, so a run killed in any stage resumes exactly; `stage_lr_find`.
+
 Each stage starts from fresh optimizer state, because fastai's `Learner.freeze_to`,
 `freeze` and `unfreeze` end with `opt.clear_state()` (pinned against fastai itself in
 parity_tests/test_ulmfit_stages.py). A stage runner is a short loop:
@@ -24,6 +28,7 @@ References:
 """
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import os
@@ -40,8 +45,17 @@ from flax import nnx
 from flax_ulmfit.interop import flax_to_torch, torch_to_flax
 from flax_ulmfit.interop._checks import as_numpy
 from flax_ulmfit.interop.fastai_files import read_itos, read_state_dict, write_pretrained, write_state_dict
+from flax_ulmfit import parallel
 from flax_ulmfit.models.awd_lstm import AWDLSTM, LanguageModel
+from flax_ulmfit.models.classifier import TextClassifier
 from flax_ulmfit.train import optim, schedules
+from flax_ulmfit.train import precision as mixed
+from flax_ulmfit.train.checkpoints import TrainCheckpoints, stage_directory
+from flax_ulmfit.train.clas import clas_batch_check, clas_loss
+from flax_ulmfit.train.lm import lm_batch_check, lm_loss
+from flax_ulmfit.train.loop import fit
+from flax_ulmfit.train.lr_find import LRFinderResult, lr_find
+from flax_ulmfit.train.step import init_train_state, make_eval_step, make_train_step, update_model
 
 EMBEDDING, DP_EMBEDDING, DECODER_W, DECODER_B = ('0.encoder.weight', '0.encoder_dp.emb.weight',
                                                   '1.decoder.weight', '1.decoder.bias')
@@ -263,6 +277,17 @@ CLASSIFIER = Recipe(
     drop_mult=0.5)
 
 
+def with_stages(recipe: Recipe, epochs: Sequence[int], lrs: Sequence[float], **fields) -> Recipe:
+  """`recipe` with each stage's epochs and peak rate replaced (a slice keeps its ratio:
+  fastai's `slice(lr / 2.6**4, lr)`), stages of 0 epochs left out, and `fields` replaced."""
+  if not len(epochs) == len(lrs) == len(recipe.stages):
+    raise ValueError(f'with_stages: give one epoch count and one rate per stage ({len(recipe.stages)}), '
+                     f'got {len(epochs)} and {len(lrs)}')
+  stages = tuple(stage._replace(epochs=n, lr=slice(lr * stage.lr.start / stage.lr.stop, lr) if isinstance(stage.lr, slice) else lr)
+                 for stage, n, lr in zip(recipe.stages, epochs, lrs) if n)
+  return recipe._replace(stages=stages, **fields)
+
+
 def check_recipe(recipe: Recipe) -> None:
   """Raises ValueError naming the first field of `recipe` that would train wrongly or not at all."""
   if not recipe.stages:
@@ -322,3 +347,140 @@ def stage_optimizers(model: nnx.Module, split: Split, recipe: Recipe,
   wd_mask = jax.tree.map(operator.not_, optim.bn_bias_mask(model, params))
   return [(stage, stage_optimizer(labels, split.groups, stage, recipe, stage.epochs * steps_per_epoch, wd_mask))
           for stage in recipe.stages]
+
+
+# --- Stage runners --------------------------------------------------------------------------
+
+class _EpochsFrom:
+  """A loader seen from a stage: the stage's epoch `e` is the loader's epoch `first + e`, so
+  every epoch of a run draws a new order (as fastai's loaders, which count epochs across fits)."""
+
+  def __init__(self, loader, first: int):
+    self.loader, self.first = loader, first
+
+  def __len__(self) -> int:
+    return len(self.loader)
+
+  def batches(self, epoch: int, start: int = 0):
+    return self.loader.batches(self.first + epoch, start)
+
+
+def run_recipe(model: nnx.Module, split: Split, recipe: Recipe, loss_fn, train_dl, valid_dl, *,
+               check_batch=None, init_carry=None, language_model: bool = False, precision: str = 'fp32',
+               mesh=None, seed: int = 0, out: str | os.PathLike | None = None, meta: Mapping | None = None,
+               save_every: int | None = None, resume: bool = False, progress: bool = True) -> list[dict]:
+  """Trains `model` in place through the stages of `recipe`, each a `fit` with its own
+  optimizer (fresh state: fastai's `freeze_to` clears it); returns every epoch's record with
+  its `stage` name first.
+
+  With `out`, stage i saves its training state in `out/checkpoints/<i>-<name>/` (each epoch,
+  every `save_every` steps, on Ctrl-C) and writes `out/log-<i>-<name>.csv` and
+  `out/losses-<i>-<name>.png`; `resume=True` restores the finished stages' results and
+  continues the stage where the run stopped, exactly where the uninterrupted run would be.
+  The run's key is `seed`; stage i's steps draw from `fold_in(key(seed), i)`, and its epoch e
+  is epoch `e + (epochs of the stages before)` of the loaders.
+
+  Args:
+    model: the model, built with the precision's compute dtype; updated after each stage.
+    split, recipe: the parameter groups and the stages (`awd_lstm_*_split`, `LM_*`, `CLASSIFIER`).
+    loss_fn: as for `make_train_step` (`lm_loss`, `clas_loss`, with the recipe's alpha/beta).
+    train_dl, valid_dl: loaders with `batches(epoch, start)` and `len()` (`LMLoader`, `ClasLoader`).
+    check_batch: host-side batch check (`lm_batch_check`, `clas_batch_check`).
+    init_carry: `batch -> carry` at the start of each epoch (a language model's zero state).
+    language_model: adds the validation perplexity to the table.
+    precision: 'fp32', 'bf16' or 'fp16' (fp16 adds torch's dynamic loss scaling).
+    mesh: `parallel.data_mesh(...)` to split each batch over devices, or None.
+    meta: JSON-able description of the run (vocabulary, labels, config, settings), saved with
+      every checkpoint; a checkpoint with another meta is refused.
+  """
+  names = [s.name for s in recipe.stages]
+  if len(set(names)) != len(names) or not all(n.replace('_', '').replace('-', '').isalnum() for n in names):
+    raise ValueError(f'run_recipe: stage names must be distinct words (letters, digits, _ and -), got {names}')
+  if (save_every is not None or resume) and out is None:
+    raise ValueError('run_recipe: save_every and resume need out= (the folder of the checkpoints)')
+  policy = mixed.get_policy(precision)
+  if mesh is not None:
+    parallel.check_divisible(train_dl.bs, mesh)
+  eval_step = make_eval_step(model, loss_fn, check_batch=check_batch, mesh=mesh)
+  primary = jax.process_index() == 0  # several processes: all save the checkpoints (orbax), one writes the logs
+  progress = progress and primary
+  key, history, first_epoch = jax.random.key(seed), [], 0
+  for index, (stage, tx) in enumerate(stage_optimizers(model, split, recipe, len(train_dl))):
+    if policy.needs_loss_scaling:
+      tx = mixed.torch_grad_scaler(tx)
+    state = init_train_state(model, tx)
+    if mesh is not None:
+      state = parallel.replicate(state, mesh)
+    files = {}
+    if out is not None:
+      files = dict(checkpoints=TrainCheckpoints(stage_directory(Path(out) / 'checkpoints', index, stage.name),
+                                                meta=dict(meta or {}, stage=stage.name)),
+                   save_every=save_every, resume=resume)
+      if primary:
+        files.update(log_path=Path(out) / f'log-{index}-{stage.name}.csv',
+                     plot_path=Path(out) / f'losses-{index}-{stage.name}.png')
+    if progress:
+      print(f'stage {index} {stage.name!r}: {stage.epochs} epoch(s), lr {stage.lr}, '
+            f'{len(frozen_groups(split.groups, stage.freeze_to))} of {len(split.groups)} groups frozen', flush=True)
+    state, records = fit(make_train_step(model, loss_fn, tx, mesh=mesh, check_batch=check_batch), state,
+                         _EpochsFrom(train_dl, first_epoch), stage.epochs, rng=jax.random.fold_in(key, index),
+                         eval_step=eval_step, valid_data=_EpochsFrom(valid_dl, first_epoch), init_carry=init_carry,
+                         language_model=language_model, progress=progress, log_group=split.groups[-1], **files)
+    update_model(model, state)
+    history += [{'stage': stage.name, **r} for r in records]
+    first_epoch += stage.epochs
+  return history
+
+
+def _lm_pieces(lm: LanguageModel, recipe: Recipe, mesh) -> dict:
+  def zero_state(batch):
+    carry = lm.zero_state(batch[0].shape[0])
+    return parallel.shard_batch(carry, mesh) if mesh is not None else carry
+  return dict(loss_fn=functools.partial(lm_loss, alpha=recipe.alpha, beta=recipe.beta),
+              check_batch=lm_batch_check(lm.encoder.vocab_sz), init_carry=zero_state, language_model=True)
+
+
+def train_lm(lm: LanguageModel, train_dl, valid_dl, recipe: Recipe = LM_FINETUNE, **run) -> list[dict]:
+  """Trains a language model through `recipe`'s stages with fastai's LM groups (each RNN
+  layer, then embedding + decoder): `LM_PRETRAIN` (pretraining: every group at one rate) or
+  `LM_FINETUNE` (one epoch training only the embedding and decoder, then all).
+
+  `train_dl`, `valid_dl`: `LMLoader`s; `run`: the keyword arguments of `run_recipe`
+  (precision, mesh, seed, out, meta, save_every, resume, progress). Returns the records.
+  """
+  if not isinstance(lm, LanguageModel):
+    raise TypeError(f'train_lm: expected a LanguageModel, got {type(lm).__name__}')
+  return run_recipe(lm, awd_lstm_lm_split(len(lm.encoder.rnns)), recipe, train_dl=train_dl, valid_dl=valid_dl,
+                    **_lm_pieces(lm, recipe, run.get('mesh')), **run)
+
+
+def train_classifier(clf: TextClassifier, train_dl, valid_dl, recipe: Recipe = CLASSIFIER, **run) -> list[dict]:
+  """Trains a text classifier through `recipe`'s stages (fastai's gradual unfreezing: the
+  head, then the last two groups, then three, then all; discriminative rates per stage).
+
+  `train_dl`, `valid_dl`: `ClasLoader`s with the classifier's `seq_len` as bptt; `run`: the
+  keyword arguments of `run_recipe`. Returns the records (`valid_accuracy` in each).
+  """
+  if not isinstance(clf, TextClassifier):
+    raise TypeError(f'train_classifier: expected a TextClassifier, got {type(clf).__name__}')
+  return run_recipe(clf, awd_lstm_clas_split(len(clf.encoder.module.rnns)), recipe,
+                    functools.partial(clas_loss, alpha=recipe.alpha, beta=recipe.beta), train_dl, valid_dl,
+                    check_batch=clas_batch_check(clf), **run)
+
+
+def stage_lr_find(model: nnx.Module, split: Split, recipe: Recipe, stage: int, loss_fn, batches, *, seed: int = 0,
+                  init_carry=None, plot_path: str | os.PathLike | None = None) -> LRFinderResult:
+  """fastai's `lr_find` before stage `stage` of `recipe`: the same frozen groups, weight
+  decay, clipping and eps, one swept rate for every trained group, Adam's momentum 0.9.
+  `.suggestion` of the result is fastai's valley."""
+  check_recipe(recipe)
+  chosen = recipe.stages[stage]
+  params = nnx.state(model, nnx.Param)
+  labels = optim.label_params(params, split.rules)
+  wd_mask = jax.tree.map(operator.not_, optim.bn_bias_mask(model, params))
+  frozen = frozen_groups(split.groups, chosen.freeze_to)
+
+  def make_tx(schedule):
+    return optim.fastai_optimizer(labels, {g: schedule for g in split.groups if g not in frozen}, eps=recipe.eps,
+                                  wd=recipe.wd, wd_mask=wd_mask, frozen=frozen, clip_norm=recipe.clip)
+  return lr_find(model, loss_fn, make_tx, batches, rng=jax.random.key(seed), init_carry=init_carry, plot_path=plot_path)

@@ -97,7 +97,7 @@ def read_data(args: argparse.Namespace):
 def main(args: argparse.Namespace) -> list[dict]:
   train, valid = read_data(args)
   run = cli.RunFolder(args.out)
-  resuming = run.open(args)
+  resuming = cli.open_run(run, args, 'train_xresnet.py', several_processes=False)
   mesh = cli.device_mesh(args.devices)
   import jax
   from flax import nnx
@@ -165,5 +165,5 @@ def main(args: argparse.Namespace) -> list[dict]:
 
 if __name__ == '__main__':
   arguments = parse_args()
-  cli.use_devices(arguments.devices)
+  cli.start_jax(arguments)
   sys.exit(cli.run_script('train_xresnet', lambda: main(arguments)))

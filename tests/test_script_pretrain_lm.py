@@ -8,13 +8,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests import script_runs
+
+ROOT = script_runs.ROOT
 SCRIPT = ROOT / 'scripts' / 'pretrain_lm.py'
 TINY = ['--size', 'tiny', '--bs', '4', '--bptt', '16', '--valid-pct', '0.34']
 
@@ -33,11 +34,7 @@ def _wikitext(path: Path, n_articles: int = 6) -> Path:
 
 @pytest.fixture(scope='module')
 def env(tmp_path_factory):
-  """Subprocess environment; the runs share a JAX compilation cache (each compiles the same
-  steps: the cache cuts a run's start-up, and cached executables compute the same numbers)."""
-  cache = tmp_path_factory.mktemp('jax_cache')
-  return dict(os.environ, PYTHONPATH=str(ROOT), JAX_COMPILATION_CACHE_DIR=str(cache),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  return script_runs.script_env(tmp_path_factory.mktemp('jax_cache'))
 
 
 @pytest.fixture(scope='module')
@@ -46,31 +43,11 @@ def corpus(tmp_path_factory):
 
 
 def run(args, env, **kw):
-  return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
-                        cwd=ROOT, env=env, timeout=600, **kw)
-
-
-# Runs the script in this process after arranging for a signal to hit it when the training
-# loader makes batch B of epoch E: a deterministic point in the middle of an epoch.
-SIGNAL_AT = textwrap.dedent('''
-    import os, runpy, signal, sys
-    from flax_ulmfit.text import data
-    sig, epoch_at, batch_at, argv = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
-    make = data.LMLoader.batches
-    def batches(self, epoch, start=0):
-      for b, batch in enumerate(make(self, epoch, start), start):
-        if self.shuffle and (epoch, b) == (epoch_at, batch_at):
-          os.kill(os.getpid(), sig)
-        yield batch
-    data.LMLoader.batches = batches
-    sys.argv = [{script!r}] + argv
-    runpy.run_path({script!r}, run_name='__main__')
-''').format(script=str(SCRIPT))
+  return script_runs.run(SCRIPT, args, env, **kw)
 
 
 def run_with_signal(sig, epoch, batch, args, env):
-  return subprocess.run([sys.executable, '-c', SIGNAL_AT, str(int(sig)), str(epoch), str(batch), *map(str, args)],
-                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+  return script_runs.run_with_signal(SCRIPT, 'LMLoader', sig, epoch, batch, args, env)
 
 
 def weights(out: Path) -> dict:
@@ -79,7 +56,7 @@ def weights(out: Path) -> dict:
 
 
 def log_rows(out: Path) -> list[dict]:
-  return [{k: v for k, v in row.items() if k != 'time'} for row in csv.DictReader(open(out / 'log.csv'))]
+  return [{k: v for k, v in row.items() if k != 'time'} for row in csv.DictReader(open(out / 'log-0-all.csv'))]
 
 
 @pytest.fixture(scope='module')
@@ -93,7 +70,7 @@ def uninterrupted(tmp_path_factory, corpus, env):
 def test_pretrain_lm_trains_and_writes_its_outputs(uninterrupted):
   out, result = uninterrupted
   assert 'perplexity' in result.stdout
-  rows = list(csv.DictReader(open(out / 'log.csv')))
+  rows = list(csv.DictReader(open(out / 'log-0-all.csv')))
   assert [int(r['epoch']) for r in rows] == [0, 1]
   valid = [float(r['valid_loss']) for r in rows]
   assert valid[1] < valid[0] and valid[1] < math.log(20)  # learns; beats a guess among the 20 words

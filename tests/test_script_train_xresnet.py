@@ -136,7 +136,7 @@ def test_fine_tune_writes_both_stages(tuned):
   # the head's rate, as fastai's Recorder logs it (stem and body: 1/10 frozen, 1/100 unfrozen)
   assert float(frozen[-1]['lr']) == pytest.approx(one_cycle(4, 2e-3, pct_start=0.99)(3), rel=1e-6)
   assert float(unfrozen[-1]['lr']) == pytest.approx(one_cycle(4, 1e-3, div=5, pct_start=0.3)(3), rel=1e-6)
-  assert sorted(p.name for p in (out / 'checkpoints').iterdir()) == ['stage-0', 'stage-1']
+  assert sorted(p.name for p in (out / 'checkpoints').iterdir()) == ['0-frozen', '1-fit']
   assert load_xresnet(out / 'model' / 'model.npz')[1]['head'] == 'transfer'
 
 
@@ -148,7 +148,7 @@ def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path, en
   assert killed.returncode == -signal.SIGKILL
   assert not (out / 'model').exists() and len(rows(out / 'log.csv')) == 1  # epoch 0 finished before the kill
   refused = run([*PLAIN, '--out', out], env)
-  assert refused.returncode == 1 and 'stage-0, step 6, epoch 1, batch 2' in refused.stderr
+  assert refused.returncode == 1 and '0-fit, step 6, epoch 1, batch 2' in refused.stderr
   assert '--resume' in refused.stderr and 'Traceback' not in refused.stderr
   resumed = run([*PLAIN, '--out', out, '--resume'], env)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -173,7 +173,7 @@ def test_a_damaged_checkpoint_or_other_flags_are_refused_and_change_nothing(tmp_
   shutil.copytree(plain[0], out)
   other = run([*PLAIN, '--out', out, '--resume', '--lr', '0.05'], env)
   assert other.returncode == 1 and 'lr: None in the checkpoint, 0.05 now' in other.stderr
-  newest = max((out / 'checkpoints' / 'stage-0').iterdir(), key=lambda p: int(p.name))
+  newest = max((out / 'checkpoints' / '0-fit').iterdir(), key=lambda p: int(p.name))
   for data in (newest / 'arrays').rglob('*'):
     if data.is_file() and data.stat().st_size > 1000:
       data.write_bytes(b'\0' * 100)  # the arrays' contents, truncated

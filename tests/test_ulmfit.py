@@ -260,3 +260,28 @@ def test_load_pretrained_bad_input_names_what_is_wrong(tmp_path):
     ulmfit.load_pretrained(tiny_lm(), tmp_path / 'enc.pth', pkl, VOCAB)
   with pytest.raises(ValueError, match='old_vocab has 3 tokens'):
     ulmfit.match_embeds(flax_to_torch(tiny_lm()), ['a', 'b', 'c'], VOCAB)
+
+
+# --- Stage runners (end to end with real kills: tests/test_script_classifier.py, test_script_ulmfit.py) ---
+
+def test_with_stages_keeps_fastai_slices_and_skips_stages_of_no_epochs():
+  recipe = ulmfit.with_stages(ulmfit.CLASSIFIER, [2, 0, 1, 3], [3e-2, 1e-2, 6e-3, 2e-3], wd=0.1)
+  assert [s.name for s in recipe.stages] == ['head', 'last_three', 'all'] and recipe.wd == 0.1
+  assert [s.epochs for s in recipe.stages] == [2, 1, 3]
+  assert recipe.stages[0].lr == 3e-2
+  assert recipe.stages[2].lr == slice(2e-3 / 2.6 ** 4, 2e-3)
+  np.testing.assert_allclose(recipe.stages[1].lr.start, 6e-3 / 2.6 ** 4, rtol=1e-12)
+  with pytest.raises(ValueError, match='one epoch count and one rate per stage'):
+    ulmfit.with_stages(ulmfit.CLASSIFIER, [1, 1], [1e-2, 1e-3])
+
+
+def test_run_recipe_refuses_stage_names_that_cannot_name_folders_and_resume_without_a_folder():
+  lm = tiny_lm()
+  bad = ulmfit.LM_FINETUNE._replace(stages=(ulmfit.Stage('a/b', 1, 1e-3, 0),))
+  with pytest.raises(ValueError, match='distinct words'):
+    ulmfit.train_lm(lm, None, None, bad)
+  twice = ulmfit.LM_FINETUNE._replace(stages=(ulmfit.Stage('x', 1, 1e-3, 0),) * 2)
+  with pytest.raises(ValueError, match='distinct words'):
+    ulmfit.train_lm(lm, None, None, twice)
+  with pytest.raises(ValueError, match='need out='):
+    ulmfit.train_lm(lm, None, None, resume=True)

@@ -176,14 +176,16 @@ class ClasLoader:
         self.epoch += 1
         return self.batches(self.epoch - 1)
 
+    def order(self, epoch: int) -> np.ndarray:
+        """The document indices of epoch `epoch`, in batch order (`bs` per batch)."""
+        if self.shuffle:
+            return sortish_order(self.lengths, self.bs, np.random.default_rng([self.seed, epoch]))
+        return np.argsort(-self.lengths, kind='stable')
+
     def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Batches `start`, `start + 1`, ... of epoch `epoch`."""
         _check_start('ClasLoader', start, len(self))
-        if self.shuffle:
-            order = sortish_order(self.lengths, self.bs,
-                                  np.random.default_rng([self.seed, epoch]))
-        else:
-            order = np.argsort(-self.lengths, kind='stable')
+        order = self.order(epoch)
         for b in range(start, len(self)):
             idx = order[b * self.bs:(b + 1) * self.bs]
             longest = self.lengths[idx].max()

@@ -7,8 +7,8 @@ A checkpoint is a folder named by the global step (`<directory>/<step>/`) with t
     the per-step log, the metrics of the epoch so far, the run's key, the shapes and dtypes
     of every array, and the caller's `meta` (config, vocabulary, labels, settings).
 
-A run of several `fit`s (fastai's `fine_tune`: a frozen stage, then an unfrozen one) keeps
-each stage's checkpoints in `<directory>/stage-<k>/` (`stage_directory`); `latest_checkpoints`
+A run of several `fit`s (fastai's `fine_tune`, ULMFiT's gradual unfreezing) keeps each
+stage's checkpoints in `<directory>/<index>-<name>/` (`stage_directory`); `latest_checkpoints`
 finds where a run of either kind stands.
 
 orbax writes each checkpoint under a temporary name and renames it when complete, so a
@@ -26,7 +26,6 @@ import jax
 import numpy as np
 
 FORMAT = 'flax_ulmfit.train_checkpoint/1'
-_STAGE = 'stage-'
 
 
 class CheckpointError(ValueError):
@@ -171,20 +170,25 @@ class TrainCheckpoints:
                            f'({type(err).__name__}: {first}); {hint}')
 
 
-def stage_directory(directory: str | os.PathLike, stage: int) -> Path:
-  """The checkpoint folder of stage `stage` (0, 1, ...) of a run of several `fit`s."""
-  if stage < 0:
-    raise ValueError(f'stage_directory: stage must be >= 0, got {stage=}')
-  return Path(directory) / f'{_STAGE}{stage}'
+def stage_directory(directory: str | os.PathLike, index: int, name: str) -> Path:
+  """The checkpoint folder of stage `index` (0, 1, ...), named `name`, of a run of several
+  `fit`s: `<directory>/<index>-<name>`."""
+  if index < 0 or not name or os.sep in name:
+    raise ValueError(f'stage_directory: need index >= 0 and a name without {os.sep!r}, got {index=}, {name=}')
+  return Path(directory) / f'{index}-{name}'
+
+
+def _stage_index(folder: Path) -> int | None:
+  index, dash, _ = folder.name.partition('-')
+  return int(index) if dash and index.isdigit() and folder.is_dir() else None
 
 
 def latest_checkpoints(directory: str | os.PathLike) -> TrainCheckpoints | None:
   """The checkpoints of a run's newest state: its last stage folder holding a checkpoint
   (`stage_directory`), else `directory` itself if it holds one (a run of one `fit`); None if neither does."""
   directory = Path(directory)
-  stages = sorted(int(p.name[len(_STAGE):]) for p in directory.glob(f'{_STAGE}*')
-                  if p.is_dir() and p.name[len(_STAGE):].isdigit())
-  for folder in [stage_directory(directory, k) for k in reversed(stages)] + [directory]:
+  stages = sorted((p for p in directory.glob('*-*') if _stage_index(p) is not None), key=_stage_index)
+  for folder in [*reversed(stages), directory]:
     found = TrainCheckpoints(folder)
     if found.latest_step() is not None:
       return found

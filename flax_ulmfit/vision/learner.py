@@ -119,7 +119,7 @@ class VisionLearner:
     callbacks: `fit` callbacks (`EarlyStopping`, `SaveBest`), for every stage.
     progress: tqdm bars.
     checkpoints: a folder for the training state: stage k (each `fit_one_cycle`, counted
-      from 0) saves in `stage_directory(checkpoints, k)` after each epoch, every
+      from 0) saves in `stage_directory(checkpoints, k, name)` after each epoch, every
       `save_every` steps and on Ctrl-C; None saves none.
     meta: JSON description of the run saved with every checkpoint (settings, classes);
       a checkpoint with another is refused.
@@ -191,7 +191,7 @@ class VisionLearner:
     files = {} if self.out is None else {'log_path': self.out / f'log{suffix}.csv',
                                          'plot_path': self.out / f'losses{suffix}.png'}
     checkpoints = None if self.checkpoints is None else \
-        TrainCheckpoints(stage_directory(self.checkpoints, self.stages), self.meta)
+        TrainCheckpoints(stage_directory(self.checkpoints, self.stages, name or 'fit'), self.meta)
     state, history = fit(step, state, lambda epoch: self.train_dl.batches(first_epoch + epoch), n_epoch,
                          rng=jax.random.fold_in(jax.random.key(self.seed), self.stages),
                          eval_step=self.eval_step, valid_data=self.valid_dl.batches, callbacks=self.callbacks,

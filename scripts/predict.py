@@ -1,0 +1,72 @@
+"""Classifies texts with a classifier that train_classifier.py or ulmfit.py trained.
+
+Reads the classifier, its vocabulary, labels and preprocessing (e.g. the first N characters
+of each text) from --model (the run's --out folder or its model/), then the texts: the
+arguments, --file F (one text per line), or standard input (one text per line). Prints one
+line per text, `label<TAB>probability` (the most probable class), or with --json one JSON
+object per line, {"label": ..., "probability": ..., "probabilities": {class: p, ...}}.
+
+  python scripts/predict.py --model runs/ulmfit "Shares in the bank fell 5% after its results."
+  python scripts/predict.py --model runs/ulmfit --file articles.txt --json
+  cat articles.txt | python scripts/predict.py --model runs/ulmfit
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from flax_ulmfit import cli
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  parser.add_argument('texts', nargs='*', help='texts to classify (default: --file, else standard input)')
+  parser.add_argument('--model', type=cli.existing_dir, required=True,
+                      help='the --out folder of train_classifier.py or ulmfit.py (or its model/ folder)')
+  parser.add_argument('--file', type=cli.existing_file, help='a UTF-8 file with one text per line')
+  parser.add_argument('--json', action='store_true', help='one JSON object per line instead of label<TAB>probability')
+  parser.add_argument('--bs', type=cli.positive_int, default=64, help='texts per batch')
+  args = parser.parse_args(argv)
+  if args.texts and args.file:
+    parser.error('give texts as arguments or --file, not both')
+  return args
+
+
+def read_texts(args: argparse.Namespace) -> list[str]:
+  """The texts to classify; blank lines of a file or of standard input are skipped."""
+  if args.texts:
+    texts = args.texts
+  else:
+    from flax_ulmfit.text.files import read_text
+    lines = read_text(args.file).splitlines() if args.file else sys.stdin.read().splitlines()
+    texts = [line for line in lines if line.strip()]
+  where = args.file or ('the arguments' if args.texts else 'standard input')
+  empty = [i for i, t in enumerate(texts) if not t.strip()]
+  if not texts or empty:
+    raise ValueError(f'no text to classify in {where}' if not texts else f'text #{empty[0]} of {where} is empty')
+  return texts
+
+
+def main(args: argparse.Namespace) -> None:
+  from flax_ulmfit import exports
+  from flax_ulmfit.text import Tokenizer
+  clf, vocab, labels, info = exports.load_classifier(args.model)
+  texts = exports.preprocess(read_texts(args), **info['preprocess'])
+  tokenizer = Tokenizer(n_workers=1, progress=False)
+  if tokenizer.name != vocab.tokenizer:
+    raise ValueError(f'{args.model}: the vocabulary was made by tokenizer {vocab.tokenizer!r}; this installation '
+                     f'tokenizes with {tokenizer.name!r}, whose tokens would not match it')
+  probs = exports.predict_proba(clf, [vocab.numericalize(t) for t in tokenizer(texts)], args.bs)
+  for row in probs:
+    best = int(row.argmax())
+    if args.json:
+      print(json.dumps({'label': labels.classes[best], 'probability': float(row[best]),
+                        'probabilities': dict(zip(labels.classes, map(float, row)))}, ensure_ascii=False))
+    else:
+      print(f'{labels.classes[best]}\t{row[best]:.6f}')
+
+
+if __name__ == '__main__':
+  sys.exit(cli.run_script('predict', lambda: main(parse_args())))

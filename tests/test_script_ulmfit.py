@@ -1,0 +1,100 @@
+"""scripts/ulmfit.py end to end on small files the tests write (a WikiText file, a CSV): the
+three phases and their folders, predict.py reading the result, and a run killed in the
+classifier phase resumed (the finished language-model phases restored) to the same weights."""
+import json
+import signal
+
+import numpy as np
+import pytest
+
+from tests import script_runs
+from tests.test_script_classifier import PREDICT, _corpus, env, weights  # noqa: F401 (env: a fixture)
+from tests.test_script_pretrain_lm import _wikitext
+
+SCRIPT = script_runs.ROOT / 'scripts' / 'ulmfit.py'
+TINY = ['--size', 'tiny', '--min-freq', '1', '--save-every', '4',
+        '--pretrain-bs', '4', '--pretrain-bptt', '16', '--pretrain-valid-pct', '0.34', '--pretrain-lr', '3e-2',
+        '--lm-bs', '4', '--lm-bptt', '16', '--lm-epochs', '1', '1',
+        '--clas-bs', '6', '--clas-bptt', '32', '--clas-max-len', '32', '--clas-drop-mult', '0.1',
+        '--clas-epochs', '1', '0', '0', '2', '--clas-lrs', '1e-1', '1e-2', '1e-2', '3e-2']
+
+@pytest.fixture(scope='module')
+def files(tmp_path_factory):
+  folder = tmp_path_factory.mktemp('data')
+  return ['--wikitext', _wikitext(folder / 'wiki.train.tokens'), '--csv', _corpus(folder / 'texts.csv')]
+
+
+def run(args, env):
+  return script_runs.run(SCRIPT, args, env, timeout=900)
+
+
+@pytest.fixture(scope='module')
+def whole(tmp_path_factory, files, env):
+  out = tmp_path_factory.mktemp('runs') / 'whole'
+  result = run([*files, *TINY, '--out', out], env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return out, result
+
+
+def test_ulmfit_runs_the_three_phases_and_predict_reads_the_result(whole, env):
+  out, result = whole
+  assert result.stdout.splitlines()[-1].startswith('accuracy=')
+  for phase in ('pretrain', 'finetune'):
+    assert sorted(p.name for p in (out / phase / 'model').iterdir()) == ['config.json', 'lm.npz', 'vocab.json']
+  assert sorted(p.name for p in (out / 'model').iterdir()) == ['classifier.npz', 'config.json', 'labels.json', 'vocab.json']
+  # the classifier reads the fine-tuned language model's vocabulary
+  assert (json.loads((out / 'model' / 'vocab.json').read_text())['itos']
+          == json.loads((out / 'finetune' / 'model' / 'vocab.json').read_text())['itos'])
+  config = json.loads((out / 'model' / 'config.json').read_text())
+  assert config['preprocess'] == {'max_chars': 1000}
+  assert 'perplexity' in result.stdout and 'valid_accuracy' in result.stdout
+  predicted = script_runs.run(PREDICT, ['--model', out, '--json', 'bank market stock price .'], env)
+  assert predicted.returncode == 0, predicted.stderr[-2000:]
+  assert json.loads(predicted.stdout)['label'] in ('money', 'sport', 'tech')
+
+
+def test_killed_in_the_classifier_phase_and_resumed_equals_the_uninterrupted_run(tmp_path, files, env, whole):
+  out = tmp_path / 'run'
+  args = [*files, *TINY, '--out', out]
+  killed = script_runs.run_with_signal(SCRIPT, 'ClasLoader', signal.SIGKILL, 0, 6, args, env, timeout=900)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  assert (out / 'finetune' / 'model').is_dir() and not (out / 'model').exists()
+  other = run([*args, '--resume', '--clas-lrs', '1e-1', '1e-2', '1e-2', '1e-2'], env)
+  assert other.returncode == 1 and 'clas_lrs' in other.stderr
+  resumed = run([*args, '--resume'], env)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'epoch 0, batch 4' in resumed.stdout
+  mine, reference = weights(out), weights(whole[0])
+  for key in reference:
+    np.testing.assert_array_equal(mine[key], reference[key], err_msg=key)
+  assert resumed.stdout.splitlines()[-1] == whole[1].stdout.splitlines()[-1]
+
+
+def test_finetune_lm_from_fastai_files_and_export_for_fastai(tmp_path, files, env):
+  """finetune_lm.py --pretrained/--pretrained-vocab reads a fastai state_dict and itos pickle
+  (written here by save_pretrained, as fastai writes them) and --export-fastai writes files
+  fastai's load_pretrained / load_encoder read: the vocabulary and shapes of the fine-tuned model."""
+  from flax import nnx
+
+  from flax_ulmfit import ulmfit
+  from flax_ulmfit.interop import fastai_files
+  from flax_ulmfit.models import LanguageModel, awd_lstm_lm_config
+  from flax_ulmfit.text.rules import SPECIAL_TOKENS
+  itos = list(SPECIAL_TOKENS) + ['bank', 'market', 'goal', 'team', 'robot', 'the', 'elsewhere']
+  itos += ['xxfake'] * (-len(itos) % 8)
+  lm = LanguageModel(len(itos), dict(awd_lstm_lm_config, emb_sz=16, n_hid=32, n_layers=2), rngs=nnx.Rngs(0))
+  weights, vocab = ulmfit.save_pretrained(lm, itos, tmp_path / 'wt')
+  out = tmp_path / 'run'
+  result = script_runs.run(script_runs.ROOT / 'scripts' / 'finetune_lm.py',
+                           [files[2], files[3], '--pretrained', weights, '--pretrained-vocab', vocab, '--size', 'tiny',
+                            '--min-freq', '1', '--bs', '4', '--bptt', '16', '--epochs', '1', '1', '--export-fastai',
+                            '--out', out], env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'fastai weights' in result.stdout and 'perplexity' in result.stdout
+  model = out / 'model'
+  assert sorted(p.name for p in model.iterdir()) == ['config.json', 'encoder.pth', 'lm.npz', 'lm.pkl', 'lm.pth', 'vocab.json']
+  new_itos = json.loads((model / 'vocab.json').read_text())['itos']
+  assert fastai_files.read_itos(model / 'lm.pkl') == new_itos and 'market' in new_itos
+  encoder = fastai_files.read_state_dict(model / 'encoder.pth')
+  assert encoder['encoder.weight'].shape == (len(new_itos), 16)
+  assert fastai_files.read_state_dict(model / 'lm.pth')['1.decoder.bias'].shape == (len(new_itos),)
