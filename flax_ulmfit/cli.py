@@ -271,7 +271,7 @@ class RunFolder:
     info = checkpoints.read_info(latest)
     state = 'finished' if info['finished'] else f'epoch {info["epoch"]}, batch {info["batch"]}'
     where = checkpoints.directory.relative_to(self.checkpoints.absolute())
-    stage = '' if where == Path('.') else f'{where}, '
+    stage = '' if where == Path('.') else f'stage {where}, '
     if not args.resume:
       raise FileExistsError(f'{self.path} holds a run (newest checkpoint: {stage}step {latest}, {state}); rerun '
                             'with --resume to continue it, --overwrite to start afresh, or choose another --out')
