@@ -70,6 +70,14 @@ def metadata(path: str | os.PathLike) -> dict:
   return _read(path, 'metadata')[1]['user']
 
 
+class StructureMismatch(KeyError, ValueError):
+  """A checkpoint whose entries are not the target's: a KeyError (what is missing) and a
+  ValueError (bad input a script reports in one line, as it does a wrong shape)."""
+
+  def __str__(self) -> str:
+    return str(self.args[0])
+
+
 def load(path: str | os.PathLike, like: Any, allow_nonfinite: bool = False) -> tuple[Any, dict]:
   """Loads a checkpoint into the structure of `like`; returns `(tree, metadata)`.
 
@@ -77,14 +85,15 @@ def load(path: str | os.PathLike, like: Any, allow_nonfinite: bool = False) -> t
     FileNotFoundError: `path` does not exist.
     ValueError: the file is not a readable checkpoint, an entry's shape or dtype differs
       from `like`'s, or (unless `allow_nonfinite`) a floating entry holds inf/NaN.
-    KeyError: entries are missing or unexpected (all of them named).
+    StructureMismatch (a KeyError and a ValueError): entries are missing or unexpected (all
+      of them named).
   """
   path = Path(path)
   stored, meta = _read(path, 'load')
   template = _entries(like)
   missing, extra = sorted(set(template) - set(stored)), sorted(set(stored) - set(template))
   if missing or extra:
-    raise KeyError(f'checkpoint.load: {str(path)!r} does not match the target structure: '
+    raise StructureMismatch(f'checkpoint.load: {str(path)!r} does not match the target structure: '
                    f'missing entries {missing}, unexpected entries {extra}')
   leaves = []
   for key, target in template.items():

@@ -53,6 +53,9 @@ def test_mismatched_keys_are_all_named(tmp_path):
   checkpoint.save(tmp_path / 'c.npz', {'a': jnp.ones(2), 'b': jnp.ones(2)})
   with pytest.raises(KeyError, match=r"missing entries \[.*c.*\], unexpected entries \[.*b.*\]"):
     checkpoint.load(tmp_path / 'c.npz', {'a': jnp.ones(2), 'c': jnp.ones(2)})
+  # also bad input as scripts report it (cli.run_script: one line for a ValueError), unquoted
+  with pytest.raises(ValueError, match=r"^checkpoint\.load: "):
+    checkpoint.load(tmp_path / 'c.npz', {'a': jnp.ones(2)})
 
 
 def test_mismatched_shape_names_entry_and_both_shapes(tmp_path):
