@@ -198,29 +198,33 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
 
 def start_jax(args: argparse.Namespace) -> None:
   """Before JAX is imported: `--devices` XLA host devices on a CPU, then `init_distributed`
-  with the several-hosts flags."""
+  with the several-hosts flags. In a job of several processes only process 0 prints: the
+  others' standard output is discarded (their errors still reach standard error)."""
   use_devices(args.devices)
-  init_distributed(args.coordinator, args.num_processes, args.process_id)
+  if init_distributed(args.coordinator, args.num_processes, args.process_id) and not is_primary():
+    sys.stdout = open(os.devnull, 'w')
 
 
-def open_run(run: 'RunFolder', args: argparse.Namespace, script: str, several_processes: bool = True) -> bool:
+def open_run(run: 'RunFolder', args: argparse.Namespace, script: str) -> bool:
   """`run.open(args)` for a job of one or several processes: process 0 opens (and locks) the
   folder while the others wait. Returns whether the run continues from a checkpoint.
-
-  `several_processes=False` (a script whose data is not yet split by process), and
-  `--lr-find`, refuse a job of several processes."""
+  `--lr-find` refuses a job of several processes. Every process must see `--out` (a shared
+  filesystem, as orbax's checkpoints of a multi-host job need)."""
   import jax
-  several = jax.process_count() > 1
-  if several and not several_processes:
-    raise ValueError(f'{script} runs on one process (its data is not split by process): run it without '
-                     '--coordinator / --num-processes (--devices still splits each batch over local devices)')
-  if several and args.lr_find:
+  if jax.process_count() > 1 and args.lr_find:
     raise ValueError('--lr-find runs on one process: run it without --coordinator / --num-processes')
   resuming = run.open(args) if is_primary() else bool(args.resume)
-  if several:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(f'{script}: run folder open')
+  wait_for_all(f'{script}: run folder open')
   return resuming
+
+
+def wait_for_all(name: str) -> None:
+  """A barrier: in a job of several processes, returns once every process has reached `name`
+  (e.g. process 0 has written a model the others read next); at once with one process."""
+  import jax
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
 
 
 def is_primary() -> bool:

@@ -242,13 +242,13 @@ def lm_phase(args: argparse.Namespace, run: cli.RunFolder, train_texts: list[str
                             out=run.path, save_every=args.save_every, resume=args.resume,
                             progress=not args.no_progress,
                             meta={'settings': settings, 'config': config, 'vocab': vocab.itos})
-  if not cli.is_primary():  # several processes: process 0 alone writes the model
-    return history
-  with run.export() as stage:
-    exports.save_lm(stage, lm, vocab, config, settings=settings, history=history)
-    if getattr(args, 'export_fastai', False):  # lm.pth + lm.pkl (fastai's load_pretrained), encoder.pth (load_encoder)
-      ulmfit.save_pretrained(lm, vocab, stage / 'lm')
-      ulmfit.save_encoder(lm, stage / 'encoder.pth')
+  if cli.is_primary():  # several processes: process 0 alone writes the model, the others wait for it
+    with run.export() as stage:
+      exports.save_lm(stage, lm, vocab, config, settings=settings, history=history)
+      if getattr(args, 'export_fastai', False):  # lm.pth + lm.pkl (fastai's load_pretrained), encoder.pth (load_encoder)
+        ulmfit.save_pretrained(lm, vocab, stage / 'lm')
+        ulmfit.save_encoder(lm, stage / 'encoder.pth')
+  cli.wait_for_all(f'{run.model} written')
   last = history[-1]
   print(f'language model: valid loss {last["valid_loss"]:.4f}, perplexity {last["perplexity"]:.1f}; weights, '
         f'vocabulary and config in {run.model}/, logs and plots in {run.path}/', flush=True)
@@ -262,7 +262,7 @@ def classifier_phase(args: argparse.Namespace, run: cli.RunFolder, data, tokeniz
   folder whose vocabulary and encoder it starts from (None: a random encoder of `sizes(args)`,
   vocabulary from the training texts). Uses args: min_freq, max_vocab, size, drop_mult, bs,
   bptt, max_len, max_chars, precision, seed, save_every, resume, lr_find."""
-  from flax_ulmfit import exports, ulmfit
+  from flax_ulmfit import exports, parallel, ulmfit
   from flax_ulmfit.interop import flax_to_torch, load_encoder
   from flax_ulmfit.text import Vocab
   from flax_ulmfit.text.data import ClasLoader
@@ -287,10 +287,13 @@ def classifier_phase(args: argparse.Namespace, run: cli.RunFolder, data, tokeniz
                                  seed=args.seed)
   if encoder is not None:
     load_encoder(encoder, clf)
+  # With a mesh: this process's rows of every batch; validation's short last batch padded to bs
+  # (rows that count in no metric) so that it too splits over the devices.
+  rows = parallel.process_rows(args.bs, mesh) if mesh is not None else slice(None)
   train_dl = ClasLoader([vocab.numericalize(t) for t in train_tokens], labels.encode(train_y), args.bs, args.bptt,
-                        seed=args.seed)
+                        seed=args.seed, rows=rows)
   valid_dl = ClasLoader([vocab.numericalize(t) for t in valid_tokens], labels.encode(valid_y, 'valid labels'), args.bs,
-                        args.bptt, shuffle=False)
+                        args.bptt, shuffle=False, pad_last=mesh is not None, rows=rows)
   print(f'{source}: {len(train_texts):,} train / {len(valid_texts):,} valid texts, {len(labels)} classes '
         f'{labels.classes}, vocab {len(vocab):,}, encoder {"from " + str(lm) if lm else "random"}, '
         f'{len(train_dl)} batches of {args.bs} per epoch', flush=True)
@@ -303,9 +306,11 @@ def classifier_phase(args: argparse.Namespace, run: cli.RunFolder, data, tokeniz
                                     progress=not args.no_progress,
                                     meta={'settings': settings, 'arch': arch, 'vocab': vocab.itos,
                                           'labels': labels.classes})
-  with run.export() as stage:
-    exports.save_classifier(stage, clf, vocab, labels, arch, {'max_chars': args.max_chars}, settings=settings,
-                            history=history)
+  if cli.is_primary():
+    with run.export() as stage:
+      exports.save_classifier(stage, clf, vocab, labels, arch, {'max_chars': args.max_chars}, settings=settings,
+                              history=history)
+  cli.wait_for_all(f'{run.model} written')
   print(f'classifier: valid accuracy {history[-1]["valid_accuracy"]:.4f}; weights, vocabulary, labels and config in '
         f'{run.model}/ (python scripts/predict.py --model {run.path} "some text")', flush=True)
   return history

@@ -39,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> list[dict]:
   data = ulmfit_cli.read_labelled(args)
   run = cli.RunFolder(args.out)
-  cli.open_run(run, args, 'train_classifier.py', several_processes=False)
+  cli.open_run(run, args, 'train_classifier.py')
   mesh = cli.device_mesh(args.devices)
   from flax_ulmfit import ulmfit
   from flax_ulmfit.text import Tokenizer

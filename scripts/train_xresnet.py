@@ -97,11 +97,12 @@ def read_data(args: argparse.Namespace):
 def main(args: argparse.Namespace) -> list[dict]:
   train, valid = read_data(args)
   run = cli.RunFolder(args.out)
-  resuming = cli.open_run(run, args, 'train_xresnet.py', several_processes=False)
+  resuming = cli.open_run(run, args, 'train_xresnet.py')
   mesh = cli.device_mesh(args.devices)
   import jax
   from flax import nnx
 
+  from flax_ulmfit import parallel
   from flax_ulmfit.models.transfer import create_cnn_model
   from flax_ulmfit.text.files import write_json
   from flax_ulmfit.train import precision
@@ -123,9 +124,10 @@ def main(args: argparse.Namespace) -> list[dict]:
   else:
     arch = args.arch
     model = ARCHS[arch](c_in=c_in, n_out=len(classes), dtype=dtype, rngs=rngs)
+  rows = parallel.process_rows(args.bs, mesh) if mesh is not None else slice(None)  # this process's rows of a batch
   train_dl = ImageLoader(train, args.bs, seed=args.seed, crop_pad=args.crop_pad, flip=args.flip, stats=stats,
-                         drop_last=len(train.labels) >= args.bs)
-  valid_dl = ImageLoader(valid, args.bs, shuffle=False, stats=train_dl.stats)
+                         drop_last=len(train.labels) >= args.bs, rows=rows)
+  valid_dl = ImageLoader(valid, args.bs, shuffle=False, stats=train_dl.stats, rows=rows)
   print(f'{len(train.labels)} train / {len(valid.labels)} valid images of {train.images.shape[1:]} (HWC), '
         f'{len(classes)} classes, {len(train_dl)} batches of {args.bs} per epoch', flush=True)
   common = dict(mixup_alpha=args.mixup or None, ls_eps=args.ls_eps, wd=args.wd, policy=args.precision,
@@ -139,11 +141,11 @@ def main(args: argparse.Namespace) -> list[dict]:
     print(f'lr_find: valley {result.suggestion:.2e} (plot: {run.lr_find_plot}); train with --lr {result.suggestion:.1e}')
     return []
 
-  if not resuming:  # a new run: no stage log or plot of an earlier run stays beside its own
+  if not resuming and cli.is_primary():  # a new run: no stage log or plot of an earlier run stays beside its own
     for stale in [*run.path.glob('log-*.csv'), *run.path.glob('losses-*.png')]:
       stale.unlink()
   settings = cli.settings(args)
-  learn = VisionLearner(model, train_dl, valid_dl, mesh=mesh, out=run.path, callbacks=[SaveBest(run.path / 'best.npz')],
+  learn = VisionLearner(model, train_dl, valid_dl, mesh=mesh, out=run.path, callbacks=[SaveBest(run.path / 'best.npz')] if cli.is_primary() else [],
                         checkpoints=run.checkpoints, save_every=args.save_every, resume=args.resume,
                         meta={'settings': settings, 'arch': arch, 'classes': classes, 'c_in': c_in}, **common)
   if args.pretrained is not None:
@@ -151,10 +153,12 @@ def main(args: argparse.Namespace) -> list[dict]:
   else:
     history = learn.fit_one_cycle(args.epochs, args.lr or 1e-2)
 
-  with run.export() as stage:
-    save_xresnet(stage / 'model.npz', model, arch, classes, train_dl.stats)
-    write_json(stage / 'config.json', {'format': 'flax_ulmfit.xresnet_run/1', 'arch': arch, 'classes': classes,
-                                       'settings': settings, 'history': history})
+  if cli.is_primary():  # several processes: process 0 alone writes the model
+    with run.export() as stage:
+      save_xresnet(stage / 'model.npz', model, arch, classes, train_dl.stats)
+      write_json(stage / 'config.json', {'format': 'flax_ulmfit.xresnet_run/1', 'arch': arch, 'classes': classes,
+                                         'settings': settings, 'history': history})
+  cli.wait_for_all(f'{run.model} written')
   steady = [r['time'] for r in history if r['epoch'] > 0]  # a stage's first epoch includes compilation
   speed = (f'{train_dl.n_images / statistics.median(steady):.0f} train images/s (median epoch after each stage\'s '
            'first, validation included)' if steady else 'no epoch without compilation to time')

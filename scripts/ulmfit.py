@@ -98,7 +98,7 @@ def main(args: argparse.Namespace) -> list[dict]:
   if not args.no_pretrain:
     runs |= {'pretrain': cli.RunFolder(args.out / 'pretrain'), 'finetune': cli.RunFolder(args.out / 'finetune')}
   for run in runs.values():  # every refusal (a run without --resume, other settings) before any work
-    cli.open_run(run, args, 'ulmfit.py', several_processes=False)
+    cli.open_run(run, args, 'ulmfit.py')
   mesh = cli.device_mesh(args.devices)
   from flax_ulmfit import ulmfit
   from flax_ulmfit.text import Tokenizer, corpora

@@ -18,12 +18,13 @@ from flax import nnx
 from flax_ulmfit import parallel, ulmfit
 from flax_ulmfit.models import LanguageModel, TextClassifier, awd_lstm_lm_config
 from flax_ulmfit.models.xresnet import XResNet
+from flax_ulmfit.text.labels import PAD_LABEL
 from flax_ulmfit.train.clas import clas_batch_check, clas_loss
 from flax_ulmfit.train.lm import lm_batch_check, lm_loss
 from flax_ulmfit.train.step import init_train_state, make_eval_step, make_train_step
 from flax_ulmfit.vision.learner import vision_loss
 
-BS, STEPS = 8, 3  # 2 rows per device on 4 devices
+BS, STEPS, SHORT = 8, 3, 5  # 2 rows per device on 4 devices; a short last batch of 5
 
 
 def lm_case():
@@ -33,7 +34,7 @@ def lm_case():
                         rngs=nnx.Rngs(0))
   ids = data.integers(0, 30, (BS, 3 * 6 + 1)).astype(np.int32)
   batches = [(ids[:, i * 6:(i + 1) * 6], ids[:, i * 6 + 1:(i + 1) * 6 + 1]) for i in range(STEPS)]
-  return model, lm_loss, optax.adam(1e-2), batches, model.zero_state(BS), lm_batch_check(30)
+  return model, lm_loss, optax.adam(1e-2), batches, model.zero_state(BS), lm_batch_check(30), None
 
 
 def clas_case():
@@ -50,7 +51,9 @@ def clas_case():
     tokens[1, :4] = 1  # a shorter text: a whole chunk of padding first
     tokens[5, :8] = 1
     batches.append((tokens, data.integers(0, 3, BS).astype(np.int32)))
-  return model, clas_loss, tx, batches, None, clas_batch_check(model)
+  filler = np.ones((BS - SHORT, 12), np.int32)
+  filler[:, 8] = 2  # ClasLoader's padding row: one token on the last chunk's start
+  return model, clas_loss, tx, batches, None, clas_batch_check(model), filler
 
 
 def xresnet_case():
@@ -66,12 +69,15 @@ def xresnet_case():
   tx = optax.sgd(0.1, momentum=0.9)
   batches = [(data.normal(size=(BS, 16, 16, 1)).astype(np.float32), data.integers(0, 3, BS).astype(np.int32))
              for _ in range(STEPS)]
-  return model, functools.partial(vision_loss, mixup_alpha=0.4, ls_eps=0.1), tx, batches, None, None
+  filler = np.zeros((BS - SHORT, 16, 16, 1), np.float32)  # ImageLoader's padding rows
+  return model, functools.partial(vision_loss, mixup_alpha=0.4, ls_eps=0.1), tx, batches, None, None, filler
 
 
 def run(case, mesh):
-  """3 train steps from the model's weights, then one eval step on the first batch; the leaves."""
-  model, loss_fn, tx, batches, carry, check = case
+  """3 train steps from the model's weights, then one eval step on the first batch; the leaves.
+  Classifiers also evaluate the first batch's first SHORT rows: whole on one device, padded to BS
+  with rows labelled PAD_LABEL (what the loaders' `pad_last` gives) on the mesh."""
+  model, loss_fn, tx, batches, carry, check, filler = case
   state = init_train_state(model, tx)
   if mesh is not None:
     state = parallel.replicate(state, mesh)
@@ -82,6 +88,12 @@ def run(case, mesh):
     state, carry, metrics = train(state, batch, jax.random.key(i), carry)
     losses.append(float(metrics['loss']))
   _, eval_metrics = evaluate(state, batches[0], carry)
+  if filler is not None:
+    x, y = (a[:SHORT] for a in batches[0])
+    if mesh is not None:
+      x, y = np.concatenate([x, filler]), np.concatenate([y, np.full(BS - SHORT, PAD_LABEL, np.int32)])
+    _, short_metrics = evaluate(state, (x, y), carry)
+    eval_metrics |= {f'short_{k}': v for k, v in short_metrics.items()}
   out = {f'leaf/{jax.tree_util.keystr(path)}': np.asarray(leaf) for path, leaf
          in jax.tree_util.tree_leaves_with_path((state.params, state.rest, state.opt_state))
          if jnp.issubdtype(leaf.dtype, jnp.number)}

@@ -1,6 +1,8 @@
 """Running the scripts in tests: a subprocess environment sharing one JAX compilation cache,
-and a run in which a signal hits the script at a chosen training batch."""
+a run in which a signal hits the script at a chosen training batch, and a free port for a
+job of several processes."""
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -14,6 +16,13 @@ def script_env(cache: Path) -> dict:
   steps: the cache cuts a run's start-up, and cached executables compute the same numbers)."""
   return dict(os.environ, PYTHONPATH=str(ROOT), JAX_COMPILATION_CACHE_DIR=str(cache),
               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+
+
+def free_port() -> int:
+  """A localhost port free now: the coordinator address of a job of several processes."""
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
 
 
 def run(script: Path, args, env, timeout: int = 600, **kw) -> subprocess.CompletedProcess:

@@ -11,6 +11,7 @@ from flax import nnx
 from flax_ulmfit.interop import flax_to_torch, load_encoder, torch_to_flax
 from flax_ulmfit.models import AWDLSTM, LanguageModel, TextClassifier, awd_lstm_clas_config
 from flax_ulmfit.text.data import ClasLoader, pad_chunk
+from flax_ulmfit.text.labels import PAD_LABEL
 from flax_ulmfit.train.clas import clas_batch_check, clas_loss
 from tests.mask_checks import check_independent, check_mask
 
@@ -260,15 +261,33 @@ def test_clas_loss_metrics_and_ar_tar_in_training_only():
   assert float(loss) == float(metrics['loss'])  # evaluation: no AR/TAR
 
 
+def test_padding_rows_count_in_no_loss_or_metric():
+  """Rows labelled PAD_LABEL (`ClasLoader(pad_last=True)`) change neither the loss nor the
+  accuracy of the real rows; `count` is the real rows."""
+  clf = small()
+  clf.eval()
+  tokens, labels = padded((12, 7, 3), 12), jnp.array([0, 3, 1], jnp.int32)
+  filler = padded((1,), 12)
+  loss, (_, metrics) = clas_loss(clf, (tokens, labels), None)
+  padded_batch = (jnp.concatenate([tokens, filler, filler]), jnp.array([0, 3, 1, PAD_LABEL, PAD_LABEL]))
+  clas_batch_check(clf)(padded_batch)  # the padding passes the host check
+  padded_loss, (_, padded_metrics) = nnx.jit(lambda model, batch: clas_loss(model, batch, None))(clf, padded_batch)
+  assert float(padded_metrics['count']) == 3.0
+  # the same 3 per-row losses summed and divided by 3 in another order: rounding only
+  assert float(padded_loss) == pytest.approx(float(loss), rel=1e-6)
+  assert float(padded_metrics['accuracy']) == pytest.approx(float(metrics['accuracy']), abs=1e-7)
+
+
 def test_labels_outside_n_class_raise_or_poison_the_jitted_loss():
   clf = small()
   clf.eval()
   tokens = padded((12, 7, 3), 12)
-  for bad in ([0, 4, 1], [0, -1, 1]):
+  for bad in ([0, 4, 1], [0, -2, 1]):  # (-1 is PAD_LABEL: a padding row)
     with pytest.raises(ValueError, match=r'labels must lie in \[0, 4\)'):
       clas_loss(clf, (tokens, jnp.array(bad)), None)
   jitted = nnx.jit(lambda model, batch: clas_loss(model, batch, None)[0])
-  assert np.isnan(float(jitted(clf, (tokens, jnp.array([0, -1, 1])))))
+  assert np.isnan(float(jitted(clf, (tokens, jnp.array([0, -2, 1])))))
+  assert np.isnan(float(jitted(clf, (tokens, jnp.array([0, 4, 1])))))
   assert np.isfinite(float(jitted(clf, (tokens, jnp.array([0, 3, 1])))))
   with pytest.raises(ValueError, match=r'labels of shape \(2,\)'):
     clas_loss(clf, (tokens, jnp.array([0, 1])), None)

@@ -1,8 +1,9 @@
 """Data parallelism gives the numbers of one device: 3 training steps and an evaluation of the
 LM (every dropout on), the classifier (a gradual-unfreezing stage, head BatchNorm) and a small
 XResNet (BatchNorm, head dropout, mixup) on a 4-device mesh equal the same on one device, every
-parameter, BatchNorm statistic and optimizer-state leaf. The 4 XLA host devices must be made
-before JAX starts, so the runs happen in a subprocess (tests/data_parallel_job.py)."""
+parameter, BatchNorm statistic and optimizer-state leaf; a short last batch padded with rows
+that count in nothing evaluates as the short batch does on one device. The 4 XLA host
+devices must be made before JAX starts, so the runs happen in a subprocess (tests/data_parallel_job.py)."""
 from __future__ import annotations
 
 import os
@@ -51,6 +52,9 @@ def test_four_devices_train_as_one(runs, model):
 def test_four_devices_evaluate_as_one(runs, model):
   one, four = _run(runs, model, 1), _run(runs, model, 4)
   metrics = sorted(k for k in one if k.startswith('eval/'))
-  assert metrics == (['eval/loss'] if model == 'lm' else ['eval/accuracy', 'eval/count', 'eval/loss'])
+  short = ['eval/short_accuracy', 'eval/short_count', 'eval/short_loss']  # a short batch, padded on 4 devices
+  assert metrics == (['eval/loss'] if model == 'lm' else ['eval/accuracy', 'eval/count', 'eval/loss', *short])
   for k in metrics:
     np.testing.assert_allclose(four[k], one[k], rtol=1e-6, err_msg=f'{model}: {k}')
+  if model != 'lm':
+    assert four['eval/short_count'] == 5  # the 3 padding rows count in nothing

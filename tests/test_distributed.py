@@ -1,24 +1,21 @@
 """Several processes: two processes on localhost joined by `jax.distributed.initialize` (CPU
 collectives) train the tiny LM as one process does, and a checkpoint the 2-process job saved
-when stopped mid-epoch is resumed by one process (tests/distributed_job.py)."""
+when stopped mid-epoch is resumed by one process (tests/distributed_job.py); two processes run
+scripts/train_classifier.py as one process does."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from tests import script_runs
+from tests.test_script_classifier import TINY, _corpus
+
 ROOT = Path(__file__).resolve().parents[1]
 JOB = [sys.executable, str(ROOT / 'tests' / 'distributed_job.py')]
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    return s.getsockname()[1]
 
 
 def _job(*flags, processes: int = 1) -> None:
@@ -28,7 +25,7 @@ def _job(*flags, processes: int = 1) -> None:
   if processes == 1:
     runs = [subprocess.Popen([*JOB, *flags], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
   else:
-    join = ['--coordinator', f'localhost:{_free_port()}', '--num-processes', str(processes)]
+    join = ['--coordinator', f'localhost:{script_runs.free_port()}', '--num-processes', str(processes)]
     runs = [subprocess.Popen([*JOB, *flags, *join, '--process-id', str(i)], env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True) for i in range(processes)]
   for i, run in enumerate(runs):
@@ -57,3 +54,34 @@ def test_two_processes_train_as_one_and_one_process_resumes_their_checkpoint(tmp
   # the same fp32 sums split over 2 processes: rounding only (8e-8 measured)
   for k in one:
     np.testing.assert_allclose(resumed[k], one[k], rtol=0, atol=1e-6, err_msg=k)
+
+
+def test_two_processes_run_train_classifier_as_one_process_with_two_devices(tmp_path):
+  """Each process reads its rows of every batch; validation's short last batch (18 texts in
+  batches of 4) is padded; process 0 alone writes the run folder and prints. The job computes
+  bit for bit what one process computes on two devices (which equals one device within
+  rounding: tests/test_data_parallel.py; at this run's rates Adam amplifies that rounding)."""
+  corpus = _corpus(tmp_path / 'texts.csv')
+  env = script_runs.script_env(tmp_path / 'jax_cache')
+  script = script_runs.ROOT / 'scripts' / 'train_classifier.py'
+  flags = ['--csv', corpus, *TINY, '--bs', '4', '--epochs', '1', '0', '0', '2', '--lrs', '1e-1', '1e-2', '1e-2', '3e-2']
+  one = script_runs.run(script, [*flags, '--devices', '2', '--out', tmp_path / 'one'], env)
+  assert one.returncode == 0, one.stderr[-3000:]
+  join = ['--coordinator', f'localhost:{script_runs.free_port()}', '--num-processes', '2', '--out', tmp_path / 'two']
+  runs = [subprocess.Popen([sys.executable, *map(str, [script, *flags, *join, '--process-id', i])], env=env,
+                           cwd=script_runs.ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+          for i in range(2)]
+  outputs = [run.communicate(timeout=600) for run in runs]
+  for run, (_, err) in zip(runs, outputs):
+    assert run.returncode == 0, err[-3000:]
+  # process 1 prints nothing of its own (gloo's C++ library writes its connection line itself)
+  assert all(line.startswith('[Gloo]') for line in outputs[1][0].splitlines())
+  assert outputs[0][0].splitlines()[-1] == one.stdout.splitlines()[-1]  # accuracy=...
+  assert sorted(p.name for p in (tmp_path / 'two').iterdir()) == sorted(p.name for p in (tmp_path / 'one').iterdir())
+  one_weights, two_weights = (_leaves(tmp_path / run / 'model' / 'classifier.npz') for run in ('one', 'two'))
+  assert len(one_weights) > 10 and one_weights.keys() == two_weights.keys()
+  for k in one_weights:
+    np.testing.assert_array_equal(two_weights[k], one_weights[k], err_msg=k)
+  for log in ('log-0-head.csv', 'log-1-all.csv'):  # every figure but the times
+    assert [row.rsplit(',', 1)[0] for row in (tmp_path / 'two' / log).read_text().splitlines()] == \
+        [row.rsplit(',', 1)[0] for row in (tmp_path / 'one' / log).read_text().splitlines()]

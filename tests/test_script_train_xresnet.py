@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from flax_ulmfit.vision.learner import load_xresnet
+from tests.script_runs import free_port
 from torch_ref.schedules import one_cycle
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,6 +126,31 @@ def test_train_writes_consistent_outputs(plain):
   model, meta = load_xresnet(out / 'model' / 'model.npz')
   assert (meta['arch'], meta['c_in'], meta['head'], meta['classes']) == ('xresnet18', 1, 'xresnet', list('0123456789'))
   assert np.asarray(model.linear.kernel[...]).shape == (512, 10)
+
+
+def test_two_processes_train_as_one_process_with_two_devices(tmp_path, env, plain):
+  """Two processes joined on localhost (one device each, 16 rows of each batch of 32) compute
+  bit for bit what one process computes on two devices (which equals one device within
+  rounding, tests/test_data_parallel.py; Adam amplifies that rounding over 8 steps); process 0
+  alone writes the folder and prints."""
+  one = run([*PLAIN, '--devices', '2', '--out', tmp_path / 'one'], env)
+  assert one.returncode == 0, one.stderr[-3000:]
+  join = ['--coordinator', f'localhost:{free_port()}', '--num-processes', '2', '--out', tmp_path / 'two']
+  runs = [subprocess.Popen([sys.executable, str(SCRIPT), *map(str, [*PLAIN, *join, '--process-id', i])], env=env,
+                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outputs = [run_.communicate(timeout=600) for run_ in runs]
+  for run_, (_, err) in zip(runs, outputs):
+    assert run_.returncode == 0, err[-3000:]
+  # process 1 prints nothing of its own (gloo's C++ library writes its connection line itself)
+  assert all(line.startswith('[Gloo]') for line in outputs[1][0].splitlines())
+  assert outputs[0][0].splitlines()[-1] == one.stdout.splitlines()[-1]  # accuracy=...
+  assert sorted(p.name for p in (tmp_path / 'two').iterdir()) == sorted(p.name for p in plain[0].iterdir())
+  for name in ('model/model.npz', 'best.npz'):
+    mine, whole = arrays(tmp_path / 'two' / name), arrays(tmp_path / 'one' / name)
+    assert mine.pop('metadata') == whole.pop('metadata') and len(whole) > 50
+    for key in whole:
+      np.testing.assert_array_equal(mine[key], whole[key], err_msg=f'{name}: {key}')
+  assert rows(tmp_path / 'two' / 'log.csv') == rows(tmp_path / 'one' / 'log.csv')
 
 
 def test_fine_tune_writes_both_stages(tuned):

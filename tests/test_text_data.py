@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from flax_ulmfit.text.data import ClasLoader, LMLoader, pad_chunk, sortish_order
-from flax_ulmfit.text.labels import CategoryMap
+from flax_ulmfit.text.labels import PAD_LABEL, CategoryMap
 
 
 def _docs(lengths, start=0):
@@ -168,6 +168,30 @@ def test_clas_batches_resume_at_a_position():
     cl = ClasLoader(docs, labels=[i % 2 for i in range(len(docs))], bs=4, seed=1)
     full, tail = list(cl.batches(1)), list(cl.batches(1, start=2))
     assert [y.tolist() for _, y in tail] == [y.tolist() for _, y in full[2:]]
+
+
+def test_clas_loader_pads_the_last_batch_and_gives_each_process_its_rows():
+    docs = _docs([5, 80, 3, 150, 70])
+    whole = list(ClasLoader(docs, labels=[0, 1, 0, 1, 2], bs=4, bptt=72, shuffle=False, pad_last=True))
+    x, y = whole[-1]   # the short last batch: doc 2, then 3 rows that count in nothing
+    assert x.shape == (4, 72) and y.tolist() == [0, PAD_LABEL, PAD_LABEL, PAD_LABEL]
+    np.testing.assert_array_equal(x[0], pad_chunk(docs[2], 72, 72))
+    filler = np.full(72, 1)
+    filler[0] = docs[2][0]   # one token (the batch's first document's first) on a chunk start
+    assert all((row == filler).all() for row in x[1:])
+    for drop_last, pad_last in ((False, True), (True, False)):   # two processes: rows 0-1 and 2-3
+        shares = [list(ClasLoader(docs, labels=[0, 1, 0, 1, 2], bs=4, bptt=72, seed=3, drop_last=drop_last,
+                                  pad_last=pad_last, rows=rows).batches(1)) for rows in (slice(0, 2), slice(2, 4))]
+        full = list(ClasLoader(docs, labels=[0, 1, 0, 1, 2], bs=4, bptt=72, seed=3, drop_last=drop_last,
+                               pad_last=pad_last).batches(1))
+        assert len(full) == (1 if drop_last else 2)
+        for (x0, y0), (x1, y1), (x, y) in zip(*shares, full):
+            np.testing.assert_array_equal(np.concatenate([x0, x1]), x)
+            np.testing.assert_array_equal(np.concatenate([y0, y1]), y)
+    with pytest.raises(ValueError, match='pass pad_last=True or drop_last=True'):
+        ClasLoader(docs, labels=[0] * 5, bs=4, shuffle=False, rows=slice(0, 2))
+    with pytest.raises(ValueError, match='selects none'):
+        ClasLoader(docs, labels=[0] * 5, bs=4, rows=slice(4, 8))
 
 
 def test_category_map_sorted_saved_and_strict(tmp_path):

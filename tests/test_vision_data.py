@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from flax_ulmfit.vision import datasets
-from flax_ulmfit.vision.data import PAD_LABEL, ImageLoader, Stats, channel_stats, random_crop
+from flax_ulmfit.text.labels import PAD_LABEL
+from flax_ulmfit.vision.data import ImageLoader, Stats, channel_stats, random_crop
 from flax_ulmfit.vision.datasets import ImageSet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,6 +113,22 @@ def test_last_partial_batch():
   assert ImageLoader(data, 4, shuffle=False, stats=stats).n_images == 10
   with pytest.raises(ValueError, match='no full batch'):
     ImageLoader(data, 16, stats=stats)
+
+
+def test_each_process_gets_its_rows_of_the_same_batches():
+  """Two processes (rows 0-2 and 3-5 of each batch of 6) together yield one process's batches,
+  augmentation and the padded last batch included."""
+  data, stats = _ids(20), Stats(np.zeros(1, np.float32), np.ones(1, np.float32))
+  for shuffle in (True, False):
+    kwargs = dict(shuffle=shuffle, seed=5, stats=stats, crop_pad=2)
+    full = list(ImageLoader(data, 6, **kwargs).batches(1))
+    shares = [list(ImageLoader(data, 6, rows=rows, **kwargs).batches(1)) for rows in (slice(0, 3), slice(3, 6))]
+    assert len(full) == (3 if shuffle else 4)
+    for (x0, y0), (x1, y1), (x, y) in zip(*shares, full):
+      np.testing.assert_array_equal(np.concatenate([x0, x1]), x)
+      np.testing.assert_array_equal(np.concatenate([y0, y1]), y)
+  with pytest.raises(ValueError, match='pass pad_last=True or drop_last=True'):
+    ImageLoader(data, 6, shuffle=False, stats=stats, pad_last=False, rows=slice(0, 3))
 
 
 def test_random_crop_shifts_within_the_padding():

@@ -5,6 +5,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from flax_ulmfit.text.labels import PAD_LABEL
+
 
 def _check_sizes(where: str, **sizes: int):
     bad = {k: v for k, v in sizes.items() if not isinstance(v, (int, np.integer)) or v < 1}
@@ -137,11 +139,20 @@ class ClasLoader:
       pad_idx: id of xxpad.
       drop_last: drop a last batch smaller than `bs` (default: when shuffling, as fastai).
       bucket_lens: allowed padded lengths, multiples of `bptt`.
+      pad_last: pad a kept last short batch to `bs` rows labelled `PAD_LABEL` (each holds
+        one token: the first of the batch's first document), which `clas_loss` and its
+        metrics skip: one batch size for every device count. For evaluation (in training
+        the head's BatchNorm statistics would include them).
+      rows: the rows of every batch to yield, e.g. this process's share of a batch split
+        over several processes (`parallel.process_rows(bs, mesh)`); default all `bs`. Every
+        process pads a batch to the length of its longest document; with a kept last short
+        batch, `pad_last` must be set.
     """
 
     def __init__(self, docs: Sequence[np.ndarray], labels: Sequence[int], bs: int = 64,
                  bptt: int = 72, shuffle: bool = True, seed: int = 0, pad_idx: int = 1,
-                 drop_last: bool | None = None, bucket_lens: Sequence[int] | None = None):
+                 drop_last: bool | None = None, bucket_lens: Sequence[int] | None = None,
+                 pad_last: bool = False, rows: slice = slice(None)):
         _check_sizes('ClasLoader', bs=bs, bptt=bptt)
         self.docs = _check_docs('ClasLoader', docs)
         self.labels = np.asarray(labels)
@@ -165,6 +176,12 @@ class ClasLoader:
         self.bs, self.bptt, self.shuffle, self.seed = bs, bptt, shuffle, seed
         self.pad_idx = pad_idx
         self.drop_last = shuffle if drop_last is None else drop_last
+        self.pad_last, self.rows = pad_last, rows
+        if not range(bs)[rows]:
+            raise ValueError(f'ClasLoader: rows={rows} selects none of the {bs=} rows')
+        if rows != slice(None) and not (self.drop_last or pad_last or len(self.docs) % bs == 0):
+            raise ValueError(f'ClasLoader: rows={rows} of a short last batch ({len(self.docs) % bs} of '
+                             f'{bs=}) are not this process\'s share: pass pad_last=True or drop_last=True')
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -192,4 +209,10 @@ class ClasLoader:
             pad_len = int(self.bucket_lens[np.searchsorted(self.bucket_lens, longest)])
             x = np.stack([pad_chunk(self.docs[i], pad_len, self.bptt, self.pad_idx)
                           for i in idx])
-            yield x, self.labels[idx].astype(np.int32)
+            y = self.labels[idx].astype(np.int32)
+            short = self.bs - len(idx)
+            if short and self.pad_last:
+                filler = pad_chunk(self.docs[idx[0]][:1], pad_len, self.bptt, self.pad_idx)
+                x = np.concatenate([x, np.tile(filler, (short, 1))])
+                y = np.concatenate([y, np.full(short, PAD_LABEL, np.int32)])
+            yield x[self.rows], y[self.rows]

@@ -7,6 +7,7 @@ import numpy as np
 from flax_ulmfit.text.files import read_json, write_json
 
 LABELS_FORMAT = 'flax_ulmfit.labels/1'
+PAD_LABEL = -1  # label of the rows that pad a short last batch; losses and metrics skip them
 
 
 def _check_not_one_string(where: str, labels):

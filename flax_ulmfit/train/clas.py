@@ -12,8 +12,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from flax_ulmfit.train.losses import accuracy, ar_tar, cross_entropy
+from flax_ulmfit.text.labels import PAD_LABEL
+from flax_ulmfit.train.losses import ar_tar, cross_entropy, kept_mean
 from flax_ulmfit.train.step import check_ids
 
 
@@ -34,7 +36,8 @@ def clas_loss(model, batch, rng: jax.Array | None, carry=None, alpha: float = 2.
 
   Returns:
     `(loss, (None, {'loss', 'accuracy', 'count'}))`: the `loss` metric is the cross-entropy
-    before AR/TAR (what fastai's Recorder logs), `count` the batch size, so `fit` averages
+    before AR/TAR (what fastai's Recorder logs), `count` the rows that count (rows labelled
+    `PAD_LABEL`, `ClasLoader(pad_last=True)`'s padding, are skipped), so `fit` averages
     over uneven batches exactly. Labels outside [0, n_class) raise on concrete arrays and make
     the loss NaN inside `jit` (never a silently wrapped label); check them on the host with
     `clas_batch_check`.
@@ -48,12 +51,21 @@ def clas_loss(model, batch, rng: jax.Array | None, carry=None, alpha: float = 2.
   logits, outputs = model.classify(x, masks, key=rng)
   n_class = logits.shape[-1]
   if not isinstance(y, jax.core.Tracer):
-    check_ids(y, n_class, 'clas_loss: labels')
-  in_range = jnp.all((y >= 0) & (y < n_class))
-  cross_entropy_ = jnp.where(in_range, cross_entropy(logits, y), jnp.nan)
+    _check_labels(y, n_class, 'clas_loss: labels')
+  keep = y != PAD_LABEL
+  in_range = jnp.all(~keep | ((y >= 0) & (y < n_class)))
+  y = jnp.where(keep, y, 0)
+  cross_entropy_ = jnp.where(in_range, kept_mean(cross_entropy(logits, y, 'none'), keep), jnp.nan)
   loss = cross_entropy_ if rng is None else cross_entropy_ + ar_tar(outputs, outputs, alpha, beta)
-  metrics = {'loss': cross_entropy_, 'accuracy': accuracy(logits, y), 'count': jnp.asarray(y.shape[0], jnp.float32)}
+  metrics = {'loss': cross_entropy_, 'accuracy': kept_mean(jnp.argmax(logits, -1) == y, keep),
+             'count': keep.sum().astype(jnp.float32)}
   return loss, (None, metrics)
+
+
+def _check_labels(y, n_class: int, what: str) -> None:
+  """Raises unless every label is a class id or `PAD_LABEL` (padding rows)."""
+  y = np.asarray(y)
+  check_ids(y[y != PAD_LABEL], n_class, what)
 
 
 def clas_batch_check(model) -> Callable[[Any], None]:
@@ -61,5 +73,5 @@ def clas_batch_check(model) -> Callable[[Any], None]:
   vocabulary padded as `ClasLoader` pads them (`model.check_input`), labels in [0, n_class)."""
   def check(batch):
     model.check_input(batch[0])
-    check_ids(batch[1], model.n_class, 'clas batch: labels')
+    _check_labels(batch[1], model.n_class, 'clas batch: labels')
   return check

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from flax_ulmfit import parallel
+
 REDUCTIONS = ('none', 'mean', 'sum')
 
 
@@ -159,6 +161,13 @@ def accuracy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """Fraction of positions whose arg-max over the last axis of `logits` equals `targets`."""
   _check_logits('accuracy', logits, targets)
   return jnp.mean(jnp.argmax(logits, axis=-1) == targets)
+
+
+def kept_mean(values: jax.Array, keep: jax.Array) -> jax.Array:
+  """The mean of per-row `values` over the rows where `keep` (padding rows skipped), as a
+  data-parallel step's per-device term (`parallel.shard_mean`: averaged over the devices, it is
+  the global batch's mean); the plain masked mean outside such a step."""
+  return parallel.shard_mean(jnp.where(keep, values, 0).sum(), keep.sum())
 
 
 def ar_tar(raw: jax.Array, dropped: jax.Array, alpha: float = 2.0, beta: float = 1.0) -> jax.Array:

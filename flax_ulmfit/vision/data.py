@@ -8,9 +8,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from flax_ulmfit.text.labels import PAD_LABEL
 from flax_ulmfit.vision.datasets import ImageSet
-
-PAD_LABEL = -1  # label of the rows that pad a short last batch; losses and metrics skip them
 PAD_MODES = ('constant', 'reflect', 'edge')
 
 
@@ -68,11 +67,14 @@ class ImageLoader:
     crop_pad: random crop with this much padding (0: no cropping).
     pad_mode: how the crop's padding is filled, 'constant' (zeros), 'reflect' or 'edge'.
     flip: random horizontal flips (p 0.5); off for digits, whose mirror images are not digits.
+    rows: the rows of every batch to yield, e.g. this process's share of a batch split over
+      several processes (`parallel.process_rows(bs, mesh)`); default all `bs`. Each process
+      draws the whole batch's augmentation, so the rows are those one process would give.
   """
 
   def __init__(self, data: ImageSet, bs: int = 64, *, shuffle: bool = True, seed: int = 0,
                drop_last: bool | None = None, pad_last: bool = True, stats: Stats | None = None,
-               crop_pad: int = 0, pad_mode: str = 'constant', flip: bool = False):
+               crop_pad: int = 0, pad_mode: str = 'constant', flip: bool = False, rows: slice = slice(None)):
     images, labels = np.asarray(data.images), np.asarray(data.labels)
     if images.ndim != 4 or images.dtype != np.float32:
       raise ValueError(f'ImageLoader: images must be float32 (N, H, W, C), got shape {images.shape} dtype '
@@ -99,6 +101,12 @@ class ImageLoader:
     self.images, self.labels, self.classes = images, labels.astype(np.int32), list(data.classes)
     self.bs, self.shuffle, self.seed, self.pad_last = bs, shuffle, seed, pad_last
     self.crop_pad, self.pad_mode, self.flip = crop_pad, pad_mode, flip
+    self.rows = rows
+    if not range(bs)[rows]:
+      raise ValueError(f'ImageLoader: rows={rows} selects none of the {bs=} rows')
+    if rows != slice(None) and not (self.drop_last or pad_last or len(labels) % bs == 0):
+      raise ValueError(f'ImageLoader: rows={rows} of a short last batch ({len(labels) % bs} of {bs=}) are not '
+                       "this process's share: pass pad_last=True or drop_last=True")
     self.epoch = 0
 
   def __len__(self) -> int:
@@ -130,4 +138,4 @@ class ImageLoader:
       if short and self.pad_last:
         x = np.concatenate([x, np.zeros((short, *x.shape[1:]), np.float32)])
         y = np.concatenate([y, np.full(short, PAD_LABEL, np.int32)])
-      yield x.astype(np.float32, copy=False), y
+      yield x[self.rows].astype(np.float32, copy=False), y[self.rows]

@@ -29,12 +29,13 @@ from flax_ulmfit.models.transfer import CNNModel, create_cnn_model
 from flax_ulmfit.models.xresnet import XResNet, xresnet18, xresnet34, xresnet50, xresnet101, xresnet152
 from flax_ulmfit.train import optim, precision, schedules
 from flax_ulmfit.train.checkpoints import TrainCheckpoints, stage_directory
-from flax_ulmfit.train.losses import cross_entropy, label_smoothing_cross_entropy
+from flax_ulmfit.train.losses import cross_entropy, kept_mean, label_smoothing_cross_entropy
 from flax_ulmfit.train.loop import Callback, fit
 from flax_ulmfit.train.lr_find import LRFinderResult, lr_find
 from flax_ulmfit.train.mixup import Mix, mix_inputs, mixup_loss, sample_mix
 from flax_ulmfit.train.step import init_train_state, make_eval_step, make_train_step, update_model
-from flax_ulmfit.vision.data import PAD_LABEL, ImageLoader, Stats
+from flax_ulmfit.text.labels import PAD_LABEL
+from flax_ulmfit.vision.data import ImageLoader, Stats
 
 XRESNET_GROUPS = ('stem', 'body', 'head')  # fastai's order: the first groups freeze first
 
@@ -78,10 +79,10 @@ def vision_loss(model, batch, rng: jax.Array | None, carry, *, mixup_alpha: floa
   else:
     logits = model(x, **model_kwargs)
     losses = per_sample(logits, y)
-  loss = parallel.shard_mean(jnp.where(keep, losses, 0.0).sum(), keep.sum())  # over the global batch's real rows
+  loss = kept_mean(losses, keep)  # over the global batch's real rows
   metrics = {'count': keep.sum()}
   if rng is None:
-    metrics['accuracy'] = parallel.shard_mean(jnp.where(keep, jnp.argmax(logits, -1) == y, False).sum(), keep.sum())
+    metrics['accuracy'] = kept_mean(jnp.argmax(logits, -1) == y, keep)
   return loss, (carry, metrics)
 
 
@@ -188,14 +189,15 @@ class VisionLearner:
     step = make_train_step(self.model, self.loss_fn, tx, mesh=self.mesh)
     first_epoch = self.epochs_done
     suffix = f'-{name}' if name else ''
-    files = {} if self.out is None else {'log_path': self.out / f'log{suffix}.csv',
-                                         'plot_path': self.out / f'losses{suffix}.png'}
+    primary = jax.process_index() == 0  # several processes: all save the checkpoints (orbax), one writes the logs
+    files = {} if self.out is None or not primary else {'log_path': self.out / f'log{suffix}.csv',
+                                                         'plot_path': self.out / f'losses{suffix}.png'}
     checkpoints = None if self.checkpoints is None else \
         TrainCheckpoints(stage_directory(self.checkpoints, self.stages, name or 'fit'), self.meta)
     state, history = fit(step, state, lambda epoch: self.train_dl.batches(first_epoch + epoch), n_epoch,
                          rng=jax.random.fold_in(jax.random.key(self.seed), self.stages),
                          eval_step=self.eval_step, valid_data=self.valid_dl.batches, callbacks=self.callbacks,
-                         progress=self.progress, checkpoints=checkpoints, save_every=self.save_every,
+                         progress=self.progress and primary, checkpoints=checkpoints, save_every=self.save_every,
                          resume=self.resume, log_group=self.groups[-1], **files)
     update_model(self.model, state)
     self.stages += 1
