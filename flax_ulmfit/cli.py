@@ -206,14 +206,13 @@ def start_jax(args: argparse.Namespace) -> None:
 
 
 def open_run(run: 'RunFolder', args: argparse.Namespace, script: str) -> bool:
-  """`run.open(args)` for a job of one or several processes: process 0 opens (and locks) the
-  folder while the others wait. Returns whether the run continues from a checkpoint.
-  `--lr-find` refuses a job of several processes. Every process must see `--out` (a shared
-  filesystem, as orbax's checkpoints of a multi-host job need)."""
+  """`run.open(args)` in every process of a job, then a barrier. Returns whether the run
+  continues from a checkpoint. `--lr-find` refuses a job of several processes. Every process
+  must see `--out` (a shared filesystem, as orbax's checkpoints of a multi-host job need)."""
   import jax
   if jax.process_count() > 1 and args.lr_find:
     raise ValueError('--lr-find runs on one process: run it without --coordinator / --num-processes')
-  resuming = run.open(args) if is_primary() else bool(args.resume)
+  resuming = run.open(args)
   wait_for_all(f'{script}: run folder open')
   return resuming
 
@@ -225,6 +224,11 @@ def wait_for_all(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+  """Whether this process draws progress bars: unless `--no-progress`, and only process 0."""
+  return not args.no_progress and is_primary()
 
 
 def is_primary() -> bool:
@@ -256,20 +260,25 @@ class RunFolder:
   def open(self, args: argparse.Namespace) -> bool:
     """Creates and locks the folder; with checkpoints present, requires --resume (same
     settings) or --overwrite (deletes them). Call before any work. Returns whether the run
-    continues from a checkpoint."""
-    self.path.mkdir(parents=True, exist_ok=True)
-    self._take_lock()
-    atomic.recover_folder(self.model)
+    continues from a checkpoint. In a job of several processes every process calls it
+    (orbax reads checkpoints collectively) and makes the same checks, so a refusal stops
+    them all; process 0 alone creates, locks, repairs and clears."""
+    primary = is_primary()
+    if primary:
+      self.path.mkdir(parents=True, exist_ok=True)
+      self._take_lock()
+      atomic.recover_folder(self.model)
     if args.lr_find:
       return False
     from flax_ulmfit.train.checkpoints import TrainCheckpoints, differences, latest_checkpoints
     checkpoints = latest_checkpoints(self.checkpoints)
     if checkpoints is None:
-      if args.resume:
+      if args.resume and primary:
         print(f'--resume: no checkpoint in {self.checkpoints}: starting a new run', file=sys.stderr)
       return False
     if args.overwrite:
-      TrainCheckpoints(self.checkpoints).clear()
+      if primary:
+        TrainCheckpoints(self.checkpoints).clear()
       return False
     latest = checkpoints.latest_step()
     info = checkpoints.read_info(latest)

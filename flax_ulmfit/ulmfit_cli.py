@@ -240,7 +240,7 @@ def lm_phase(args: argparse.Namespace, run: cli.RunFolder, train_texts: list[str
     return []
   history = ulmfit.train_lm(lm, train_dl, valid_dl, recipe, precision=args.precision, mesh=mesh, seed=args.seed,
                             out=run.path, save_every=args.save_every, resume=args.resume,
-                            progress=not args.no_progress,
+                            progress=cli.show_progress(args),
                             meta={'settings': settings, 'config': config, 'vocab': vocab.itos})
   if cli.is_primary():  # several processes: process 0 alone writes the model, the others wait for it
     with run.export() as stage:
@@ -303,7 +303,7 @@ def classifier_phase(args: argparse.Namespace, run: cli.RunFolder, data, tokeniz
     return []
   history = ulmfit.train_classifier(clf, train_dl, valid_dl, recipe, precision=args.precision, mesh=mesh,
                                     seed=args.seed, out=run.path, save_every=args.save_every, resume=args.resume,
-                                    progress=not args.no_progress,
+                                    progress=cli.show_progress(args),
                                     meta={'settings': settings, 'arch': arch, 'vocab': vocab.itos,
                                           'labels': labels.classes})
   if cli.is_primary():

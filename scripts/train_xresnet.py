@@ -131,7 +131,7 @@ def main(args: argparse.Namespace) -> list[dict]:
   print(f'{len(train.labels)} train / {len(valid.labels)} valid images of {train.images.shape[1:]} (HWC), '
         f'{len(classes)} classes, {len(train_dl)} batches of {args.bs} per epoch', flush=True)
   common = dict(mixup_alpha=args.mixup or None, ls_eps=args.ls_eps, wd=args.wd, policy=args.precision,
-                seed=args.seed, progress=not args.no_progress)
+                seed=args.seed, progress=cli.show_progress(args))
 
   if args.lr_find:  # one device: lr_find's step is not data-parallel
     learn = VisionLearner(model, train_dl, valid_dl, **common)

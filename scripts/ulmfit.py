@@ -102,7 +102,7 @@ def main(args: argparse.Namespace) -> list[dict]:
   mesh = cli.device_mesh(args.devices)
   from flax_ulmfit import ulmfit
   from flax_ulmfit.text import Tokenizer, corpora
-  tokenizer = Tokenizer(cache_dir=runs['classifier'].token_cache)
+  tokenizer = Tokenizer(cache_dir=runs['classifier'].token_cache, progress=cli.show_progress(args))
   lm = None
   if not args.no_pretrain:
     wiki = corpora.read_wikitext(args.wikitext) if args.wikitext else corpora.wikipedia_sample()

@@ -56,27 +56,34 @@ def test_two_processes_train_as_one_and_one_process_resumes_their_checkpoint(tmp
     np.testing.assert_allclose(resumed[k], one[k], rtol=0, atol=1e-6, err_msg=k)
 
 
+def _two_processes(command: list, env: dict) -> list[tuple[int, str, str]]:
+  """`command` as a job of two processes on localhost: each one's return code, output and errors."""
+  join = ['--coordinator', f'localhost:{script_runs.free_port()}', '--num-processes', '2']
+  runs = [subprocess.Popen([sys.executable, *map(str, [*command, *join, '--process-id', i])], env=env,
+                           cwd=script_runs.ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+          for i in range(2)]
+  outputs = [run.communicate(timeout=600) for run in runs]
+  return [(run.returncode, *output) for run, output in zip(runs, outputs)]
+
+
 def test_two_processes_run_train_classifier_as_one_process_with_two_devices(tmp_path):
   """Each process reads its rows of every batch; validation's short last batch (18 texts in
   batches of 4) is padded; process 0 alone writes the run folder and prints. The job computes
   bit for bit what one process computes on two devices (which equals one device within
-  rounding: tests/test_data_parallel.py; at this run's rates Adam amplifies that rounding)."""
+  rounding: tests/test_data_parallel.py; at this run's rates Adam amplifies that rounding).
+  Rerun without --resume, both processes refuse the finished run."""
   corpus = _corpus(tmp_path / 'texts.csv')
   env = script_runs.script_env(tmp_path / 'jax_cache')
   script = script_runs.ROOT / 'scripts' / 'train_classifier.py'
   flags = ['--csv', corpus, *TINY, '--bs', '4', '--epochs', '1', '0', '0', '2', '--lrs', '1e-1', '1e-2', '1e-2', '3e-2']
   one = script_runs.run(script, [*flags, '--devices', '2', '--out', tmp_path / 'one'], env)
   assert one.returncode == 0, one.stderr[-3000:]
-  join = ['--coordinator', f'localhost:{script_runs.free_port()}', '--num-processes', '2', '--out', tmp_path / 'two']
-  runs = [subprocess.Popen([sys.executable, *map(str, [script, *flags, *join, '--process-id', i])], env=env,
-                           cwd=script_runs.ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-          for i in range(2)]
-  outputs = [run.communicate(timeout=600) for run in runs]
-  for run, (_, err) in zip(runs, outputs):
-    assert run.returncode == 0, err[-3000:]
+  outputs = _two_processes([script, *flags, '--out', tmp_path / 'two'], env)
+  for code, _, err in outputs:
+    assert code == 0, err[-3000:]
   # process 1 prints nothing of its own (gloo's C++ library writes its connection line itself)
-  assert all(line.startswith('[Gloo]') for line in outputs[1][0].splitlines())
-  assert outputs[0][0].splitlines()[-1] == one.stdout.splitlines()[-1]  # accuracy=...
+  assert all(line.startswith('[Gloo]') for line in outputs[1][1].splitlines())
+  assert outputs[0][1].splitlines()[-1] == one.stdout.splitlines()[-1]  # accuracy=...
   assert sorted(p.name for p in (tmp_path / 'two').iterdir()) == sorted(p.name for p in (tmp_path / 'one').iterdir())
   one_weights, two_weights = (_leaves(tmp_path / run / 'model' / 'classifier.npz') for run in ('one', 'two'))
   assert len(one_weights) > 10 and one_weights.keys() == two_weights.keys()
@@ -85,3 +92,5 @@ def test_two_processes_run_train_classifier_as_one_process_with_two_devices(tmp_
   for log in ('log-0-head.csv', 'log-1-all.csv'):  # every figure but the times
     assert [row.rsplit(',', 1)[0] for row in (tmp_path / 'two' / log).read_text().splitlines()] == \
         [row.rsplit(',', 1)[0] for row in (tmp_path / 'one' / log).read_text().splitlines()]
+  for code, _, err in _two_processes([script, *flags, '--out', tmp_path / 'two'], env):
+    assert code == 1 and 'holds a run (newest checkpoint: stage 1-all' in err, err[-3000:]
