@@ -128,10 +128,12 @@ def shard_batch(tree, mesh: Mesh):
   return jax.tree.map(place, tree)
 
 
-def process_rows(batch_size: int, mesh: Mesh) -> slice:
+def process_rows(batch_size: int, mesh: Mesh | None) -> slice:
   """The rows of a global batch of `batch_size` that this process feeds to `shard_batch`: those
   its devices hold under the batch sharding on `mesh` (one block per process; the whole
-  batch with one process). Raises unless the batch splits evenly over the mesh."""
+  batch with one process or no mesh). Raises unless the batch splits evenly over the mesh."""
+  if mesh is None:
+    return slice(None)
   check_divisible(batch_size, mesh, 'process_rows')
   blocks = NamedSharding(mesh, BATCH).addressable_devices_indices_map((batch_size,)).values()
   starts, stops = zip(*[(index[0].indices(batch_size)[:2]) for index in blocks])

@@ -229,7 +229,7 @@ def lm_phase(args: argparse.Namespace, run: cli.RunFolder, train_texts: list[str
   too_high = {k: p * args.drop_mult for k, p in config.items() if k.endswith('_p') and p * args.drop_mult >= 1}
   if too_high:
     raise ValueError(f'--drop-mult {args.drop_mult} makes dropout probabilities >= 1: {too_high}')
-  rows = parallel.process_rows(args.bs, mesh) if mesh is not None else slice(None)  # this process's streams
+  rows = parallel.process_rows(args.bs, mesh)  # this process's streams
   train_dl = LMLoader([vocab.numericalize(t) for t in train_tokens], args.bs, args.bptt, seed=args.seed, rows=rows)
   valid_dl = LMLoader([vocab.numericalize(t) for t in valid_tokens], args.bs, args.bptt, shuffle=False, rows=rows)
   print(f'{len(train_texts):,} train / {len(valid_texts):,} valid texts, {sum(map(len, train_tokens)):,} train tokens, '
@@ -289,7 +289,7 @@ def classifier_phase(args: argparse.Namespace, run: cli.RunFolder, data, tokeniz
     load_encoder(encoder, clf)
   # With a mesh: this process's rows of every batch; validation's short last batch padded to bs
   # (rows that count in no metric) so that it too splits over the devices.
-  rows = parallel.process_rows(args.bs, mesh) if mesh is not None else slice(None)
+  rows = parallel.process_rows(args.bs, mesh)
   train_dl = ClasLoader([vocab.numericalize(t) for t in train_tokens], labels.encode(train_y), args.bs, args.bptt,
                         seed=args.seed, rows=rows)
   valid_dl = ClasLoader([vocab.numericalize(t) for t in valid_tokens], labels.encode(valid_y, 'valid labels'), args.bs,

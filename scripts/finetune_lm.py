@@ -54,7 +54,8 @@ def main(args: argparse.Namespace) -> list[dict]:
   start = (args.pretrained, args.pretrained_vocab) if args.pretrained is not None else args.lm
   if start is None:
     print('finetune_lm: no --lm or --pretrained: the language model starts from random weights', file=sys.stderr)
-  return ulmfit_cli.lm_phase(args, run, train_texts, valid_texts, Tokenizer(cache_dir=run.token_cache, progress=cli.show_progress(args)),
+  tokenizer = Tokenizer(cache_dir=run.token_cache, progress=cli.show_progress(args))
+  return ulmfit_cli.lm_phase(args, run, train_texts, valid_texts, tokenizer,
                              ulmfit_cli.recipe(ulmfit.LM_FINETUNE, args), cli.settings(args), mesh=mesh, start=start)
 
 

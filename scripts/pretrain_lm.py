@@ -45,7 +45,8 @@ def main(args: argparse.Namespace) -> list[dict]:
   cli.open_run(run, args, 'pretrain_lm.py')
   mesh = cli.device_mesh(args.devices)
   from flax_ulmfit.text import Tokenizer
-  return ulmfit_cli.lm_phase(args, run, train_texts, valid_texts, Tokenizer(cache_dir=run.token_cache, progress=cli.show_progress(args)),
+  tokenizer = Tokenizer(cache_dir=run.token_cache, progress=cli.show_progress(args))
+  return ulmfit_cli.lm_phase(args, run, train_texts, valid_texts, tokenizer,
                              ulmfit_cli.pretrain_recipe(args), cli.settings(args), mesh=mesh)
 
 

@@ -43,7 +43,8 @@ def main(args: argparse.Namespace) -> list[dict]:
   mesh = cli.device_mesh(args.devices)
   from flax_ulmfit import ulmfit
   from flax_ulmfit.text import Tokenizer
-  history = ulmfit_cli.classifier_phase(args, run, data, Tokenizer(cache_dir=run.token_cache, progress=cli.show_progress(args)),
+  tokenizer = Tokenizer(cache_dir=run.token_cache, progress=cli.show_progress(args))
+  history = ulmfit_cli.classifier_phase(args, run, data, tokenizer,
                                         ulmfit_cli.recipe(ulmfit.CLASSIFIER, args), cli.settings(args), mesh=mesh,
                                         lm=args.lm)
   if history:

@@ -124,7 +124,7 @@ def main(args: argparse.Namespace) -> list[dict]:
   else:
     arch = args.arch
     model = ARCHS[arch](c_in=c_in, n_out=len(classes), dtype=dtype, rngs=rngs)
-  rows = parallel.process_rows(args.bs, mesh) if mesh is not None else slice(None)  # this process's rows of a batch
+  rows = parallel.process_rows(args.bs, mesh)  # this process's rows of a batch
   train_dl = ImageLoader(train, args.bs, seed=args.seed, crop_pad=args.crop_pad, flip=args.flip, stats=stats,
                          drop_last=len(train.labels) >= args.bs, rows=rows)
   valid_dl = ImageLoader(valid, args.bs, shuffle=False, stats=train_dl.stats, rows=rows)
@@ -145,7 +145,8 @@ def main(args: argparse.Namespace) -> list[dict]:
     for stale in [*run.path.glob('log-*.csv'), *run.path.glob('losses-*.png')]:
       stale.unlink()
   settings = cli.settings(args)
-  learn = VisionLearner(model, train_dl, valid_dl, mesh=mesh, out=run.path, callbacks=[SaveBest(run.path / 'best.npz')] if cli.is_primary() else [],
+  best = [SaveBest(run.path / 'best.npz')] if cli.is_primary() else []  # process 0 writes the files
+  learn = VisionLearner(model, train_dl, valid_dl, mesh=mesh, out=run.path, callbacks=best,
                         checkpoints=run.checkpoints, save_every=args.save_every, resume=args.resume,
                         meta={'settings': settings, 'arch': arch, 'classes': classes, 'c_in': c_in}, **common)
   if args.pretrained is not None:

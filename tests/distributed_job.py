@@ -51,7 +51,7 @@ class Interrupting(LMLoader):
 
 
 mesh = cli.device_mesh(1)  # one device per process here; None in a one-process job
-rows = parallel.process_rows(BS, mesh) if mesh is not None else slice(None)
+rows = parallel.process_rows(BS, mesh)
 docs = [np.random.default_rng(i).integers(0, VOCAB, 8).astype(np.int32) for i in range(8)]
 train_dl = Interrupting(docs, BS, BPTT, seed=0, rows=rows)
 valid_dl = LMLoader(docs[:4], BS, 2, shuffle=False, rows=rows)

@@ -21,6 +21,17 @@ def _check_start(where: str, start: int, n_batches: int):
                          f'epoch), got {start=}')
 
 
+def check_rows(where: str, rows: slice, bs: int, n_items: int, keeps_short_batch: bool) -> None:
+    """Raises unless `rows` selects some of a batch's `bs` rows and, when a loader of `n_items`
+    keeps a short last batch unpadded (`keeps_short_batch`), selects them all: a slice of a
+    short batch is not this process's share."""
+    if not range(bs)[rows]:
+        raise ValueError(f'{where}: rows={rows} selects none of the {bs=} rows')
+    if rows != slice(None) and keeps_short_batch and n_items % bs:
+        raise ValueError(f'{where}: rows={rows} of a short last batch ({n_items % bs} of {bs=}) are not '
+                         "this process's share: pass pad_last=True or drop_last=True")
+
+
 def _check_docs(where: str, docs: Sequence[np.ndarray]) -> list[np.ndarray]:
     if len(docs) == 0:
         raise ValueError(f'{where}: got no documents')
@@ -177,11 +188,7 @@ class ClasLoader:
         self.pad_idx = pad_idx
         self.drop_last = shuffle if drop_last is None else drop_last
         self.pad_last, self.rows = pad_last, rows
-        if not range(bs)[rows]:
-            raise ValueError(f'ClasLoader: rows={rows} selects none of the {bs=} rows')
-        if rows != slice(None) and not (self.drop_last or pad_last or len(self.docs) % bs == 0):
-            raise ValueError(f'ClasLoader: rows={rows} of a short last batch ({len(self.docs) % bs} of '
-                             f'{bs=}) are not this process\'s share: pass pad_last=True or drop_last=True')
+        check_rows('ClasLoader', rows, bs, len(self.docs), not (self.drop_last or pad_last))
         self.epoch = 0
 
     def __len__(self) -> int:

@@ -8,8 +8,10 @@ from typing import NamedTuple
 
 import numpy as np
 
+from flax_ulmfit.text.data import check_rows
 from flax_ulmfit.text.labels import PAD_LABEL
 from flax_ulmfit.vision.datasets import ImageSet
+
 PAD_MODES = ('constant', 'reflect', 'edge')
 
 
@@ -102,11 +104,7 @@ class ImageLoader:
     self.bs, self.shuffle, self.seed, self.pad_last = bs, shuffle, seed, pad_last
     self.crop_pad, self.pad_mode, self.flip = crop_pad, pad_mode, flip
     self.rows = rows
-    if not range(bs)[rows]:
-      raise ValueError(f'ImageLoader: rows={rows} selects none of the {bs=} rows')
-    if rows != slice(None) and not (self.drop_last or pad_last or len(labels) % bs == 0):
-      raise ValueError(f'ImageLoader: rows={rows} of a short last batch ({len(labels) % bs} of {bs=}) are not '
-                       "this process's share: pass pad_last=True or drop_last=True")
+    check_rows('ImageLoader', rows, bs, len(labels), not (self.drop_last or pad_last))
     self.epoch = 0
 
   def __len__(self) -> int:

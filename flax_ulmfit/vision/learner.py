@@ -27,6 +27,7 @@ from flax_ulmfit import checkpoint, parallel
 from flax_ulmfit.interop.xresnet import xresnet_to_flax, xresnet_to_torch
 from flax_ulmfit.models.transfer import CNNModel, create_cnn_model
 from flax_ulmfit.models.xresnet import XResNet, xresnet18, xresnet34, xresnet50, xresnet101, xresnet152
+from flax_ulmfit.text.labels import PAD_LABEL
 from flax_ulmfit.train import optim, precision, schedules
 from flax_ulmfit.train.checkpoints import TrainCheckpoints, stage_directory
 from flax_ulmfit.train.losses import cross_entropy, kept_mean, label_smoothing_cross_entropy
@@ -34,7 +35,6 @@ from flax_ulmfit.train.loop import Callback, fit
 from flax_ulmfit.train.lr_find import LRFinderResult, lr_find
 from flax_ulmfit.train.mixup import Mix, mix_inputs, mixup_loss, sample_mix
 from flax_ulmfit.train.step import init_train_state, make_eval_step, make_train_step, update_model
-from flax_ulmfit.text.labels import PAD_LABEL
 from flax_ulmfit.vision.data import ImageLoader, Stats
 
 XRESNET_GROUPS = ('stem', 'body', 'head')  # fastai's order: the first groups freeze first
