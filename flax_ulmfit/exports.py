@@ -10,13 +10,20 @@ A classifier's folder (`train_classifier.py`, `ulmfit.py`; what `predict.py --mo
   vocab.json      the vocabulary the texts are numericalized with
   labels.json     the classes (`CategoryMap`), id order
   config.json     {'format': CLASSIFIER_FORMAT, 'arch': TextClassifier's arguments,
-                  'preprocess': what is done to a text before tokenizing, e.g. {'max_chars': 1000}, ...}
+                  'preprocess': how a text becomes its tokens, e.g. {'max_chars': 1000, 'backwards': False}, ...}
+
+An ensemble's folder (`ulmfit.py`, e.g. a forward and a backward classifier; predictions
+average the members' class probabilities):
+  <member>/       a classifier's folder per member
+  config.json     {'format': ENSEMBLE_FORMAT, 'members': [<member>, ...], 'classes': [...]}
 
 Write a folder inside `cli.RunFolder.export()` so its files are replaced together.
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +43,7 @@ from flax_ulmfit.text.vocab import Vocab
 
 LM_FORMAT = 'flax_ulmfit.lm_run/1'
 CLASSIFIER_FORMAT = 'flax_ulmfit.classifier/1'
+ENSEMBLE_FORMAT = 'flax_ulmfit.ensemble/1'
 
 
 def preprocess(texts: Sequence[str], max_chars: int | None = None) -> list[str]:
@@ -45,6 +53,14 @@ def preprocess(texts: Sequence[str], max_chars: int | None = None) -> list[str]:
   if max_chars is not None and (not isinstance(max_chars, int) or max_chars < 1):
     raise ValueError(f'preprocess: max_chars must be an integer >= 1 or None, got {max_chars!r}')
   return [t[:max_chars] for t in texts]
+
+
+def model_tokens(texts: Sequence[str], tokenizer, *, max_chars: int | None = None,
+                 backwards: bool = False) -> list[list[str]]:
+  """Texts as a model reads them: `preprocess`ed, tokenized, and with `backwards` each text's
+  tokens reversed (fastai's `backwards=True`: the model reads every text from its end)."""
+  tokens = tokenizer(preprocess(texts, max_chars))
+  return [list(t)[::-1] for t in tokens] if backwards else [list(t) for t in tokens]
 
 
 def _model_folder(path: str | os.PathLike, weights: str) -> Path:
@@ -105,7 +121,8 @@ def build_classifier(vocab_size: int, n_class: int, arch: Mapping, *, dtype=None
 
 def load_classifier(path: str | os.PathLike, *, dtype=None) -> tuple[TextClassifier, Vocab, CategoryMap, dict]:
   """The classifier of a folder `save_classifier` wrote (or a run folder holding it in
-  `model/`), its vocabulary, its labels and its config.json (with 'preprocess')."""
+  `model/`), its vocabulary, its labels and its config.json (with 'preprocess', and 'folder':
+  where it was read)."""
   folder = _model_folder(path, 'classifier.npz')
   info = read_json(folder / 'config.json', CLASSIFIER_FORMAT, 'load_classifier')
   vocab, labels = _vocab(folder, info['vocab_size']), CategoryMap.load(folder / 'labels.json')
@@ -114,7 +131,73 @@ def load_classifier(path: str | os.PathLike, *, dtype=None) -> tuple[TextClassif
                      f'for {info["classes"]}: the labels belong to another model')
   clf = build_classifier(len(vocab), len(labels), info['arch'], dtype=dtype)
   state_dict, _ = checkpoint.load(folder / 'classifier.npz', flax_to_torch(clf))
-  return torch_to_flax(state_dict, clf), vocab, labels, info
+  return torch_to_flax(state_dict, clf), vocab, labels, dict(info, folder=str(folder))
+
+
+def save_ensemble(folder: str | os.PathLike, members: Mapping[str, str | os.PathLike]) -> None:
+  """Writes an ensemble's folder: a copy of each classifier folder (`save_classifier`'s, or a
+  run folder holding one) under its name in `members`; their classes must agree."""
+  folder = Path(folder)
+  classes = None
+  for name, source in members.items():
+    _check_member_name(name, folder)
+    source = _model_folder(source, 'classifier.npz')
+    info = read_json(source / 'config.json', CLASSIFIER_FORMAT, 'save_ensemble')
+    if classes is not None and info['classes'] != classes:
+      raise ValueError(f'save_ensemble: {source} classifies into {info["classes"]}, the other members into {classes}')
+    classes = info['classes']
+    shutil.copytree(source, folder / name)
+  write_json(folder / 'config.json', {'format': ENSEMBLE_FORMAT, 'members': list(members), 'classes': classes})
+
+
+def _check_member_name(name: str, folder: Path) -> None:
+  if not isinstance(name, str) or not name or name != Path(name).name or name.startswith('.'):
+    raise ValueError(f'{folder}: ensemble member {name!r} must be a plain folder name inside the ensemble')
+
+
+def _format(config: Path) -> str | None:
+  """The 'format' a config.json declares (None if it is missing or unreadable: `read_json` says why)."""
+  try:
+    data = json.loads(config.read_bytes())
+  except (OSError, ValueError):
+    return None
+  return data.get('format') if isinstance(data, dict) else None
+
+
+def load_classifiers(path: str | os.PathLike, *, dtype=None) -> list[tuple[TextClassifier, Vocab, CategoryMap, dict]]:
+  """`load_classifier`'s tuple for each member of an ensemble's folder (`save_ensemble`'s, or a
+  run folder holding one in `model/`), or for the one classifier of a classifier's folder."""
+  path = Path(path)
+  for folder in (path, path / 'model'):
+    config = folder / 'config.json'
+    if _format(config) == ENSEMBLE_FORMAT:
+      info = read_json(config, ENSEMBLE_FORMAT, 'load_classifiers')
+      members = info.get('members')
+      if not isinstance(members, list) or not members:
+        raise ValueError(f'{config} lists no members ({members!r}): rebuild the ensemble')
+      for name in members:
+        _check_member_name(name, folder)
+      return [load_classifier(folder / name, dtype=dtype) for name in members]
+  return [load_classifier(path, dtype=dtype)]
+
+
+def predict_texts(classifiers: Sequence[tuple], texts: Sequence[str], tokenizer, bs: int = 64) -> np.ndarray:
+  """(n_texts, n_class) class probabilities of raw texts, averaged over `classifiers`
+  (`load_classifiers`' tuples, which must share their classes), each reading the texts as it
+  was trained to (its 'preprocess': first characters, direction)."""
+  first = classifiers[0][3]['folder']
+  classes = classifiers[0][2].classes
+  probs = []
+  for clf, vocab, labels, info in classifiers:
+    if labels.classes != classes:
+      raise ValueError(f'{info["folder"]} classifies into {labels.classes}, {first} into {classes}: models averaged '
+                       'together need the same classes in the same order')
+    if tokenizer.name != vocab.tokenizer:
+      raise ValueError(f'{info["folder"]}: the vocabulary was made by tokenizer {vocab.tokenizer!r}; this '
+                       f'installation tokenizes with {tokenizer.name!r}, whose tokens would not match it')
+    tokens = model_tokens(texts, tokenizer, **info['preprocess'])
+    probs.append(predict_proba(clf, [vocab.numericalize(t) for t in tokens], bs))
+  return np.mean(probs, axis=0)
 
 
 def predict_proba(clf: TextClassifier, docs: Sequence[np.ndarray], bs: int = 64) -> np.ndarray:

@@ -50,6 +50,20 @@ def add_labelled_args(parser: argparse.ArgumentParser) -> None:
                     help='keep only the first N characters of each text (saved with the model: predict.py does the same)')
 
 
+def add_direction_arg(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument('--backwards', action='store_true',
+                      help="read every text from its end (fastai's backwards=True; saved with the model); a backward "
+                           "classifier's predictions average with a forward one's: predict.py --model FORWARD BACKWARD")
+
+
+def _check_direction(folder, info: dict, backwards: bool) -> None:
+  """A language model and the model built on it read texts in the same direction."""
+  if info.get('backwards', False) != backwards:
+    read = 'backwards' if info.get('backwards', False) else 'forwards'
+    raise ValueError(f'{folder}: that language model reads texts {read}; '
+                     + ('drop --backwards' if read == 'forwards' else 'add --backwards') + ' to build on it')
+
+
 def add_export_arg(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--export-fastai', action='store_true',
                       help="also write model/lm.pth, lm.pkl (fastai's load_pretrained) and encoder.pth (load_encoder); needs torch")
@@ -196,7 +210,7 @@ def lm_phase(args: argparse.Namespace, run: cli.RunFolder, train_texts: list[str
   `start`: None (random weights, config from `args.size`), a model folder (`exports.save_lm`'s)
   whose weights are moved onto the new vocabulary (`match_embeds`), or `(weights, itos)`,
   fastai's files (`ulmfit.load_pretrained`). Uses args: min_freq, max_vocab, size, drop_mult,
-  bs, bptt, precision, seed, save_every, resume, lr_find, export_fastai (optional)."""
+  bs, bptt, backwards, precision, seed, save_every, resume, lr_find, export_fastai (optional)."""
   from flax import nnx
 
   from flax_ulmfit import exports, parallel, ulmfit
@@ -207,7 +221,8 @@ def lm_phase(args: argparse.Namespace, run: cli.RunFolder, train_texts: list[str
   from flax_ulmfit.train import precision
   from flax_ulmfit.train.lm import lm_loss
 
-  train_tokens, valid_tokens = tokenizer(train_texts), tokenizer(valid_texts)
+  train_tokens, valid_tokens = (exports.model_tokens(t, tokenizer, backwards=args.backwards)
+                                for t in (train_texts, valid_texts))
   vocab = Vocab.from_tokens(train_tokens, max_vocab=args.max_vocab, min_freq=args.min_freq, tokenizer=tokenizer.name)
   dtype = precision.get_policy(args.precision).compute_dtype
   rngs = nnx.Rngs(params=args.seed, dropout=args.seed + 1)
@@ -217,6 +232,7 @@ def lm_phase(args: argparse.Namespace, run: cli.RunFolder, train_texts: list[str
     print(f'language model: fastai weights {start[0]} moved onto the new vocabulary')
   elif start is not None:
     old, old_vocab, info = exports.load_lm(start)
+    _check_direction(start, info, args.backwards)
     config = info['config']
     lm = LanguageModel(len(vocab), config, args.drop_mult, dtype=dtype, rngs=rngs)
     torch_to_flax(ulmfit.match_embeds(flax_to_torch(old), old_vocab, vocab), lm)
@@ -244,7 +260,7 @@ def lm_phase(args: argparse.Namespace, run: cli.RunFolder, train_texts: list[str
                             meta={'settings': settings, 'config': config, 'vocab': vocab.itos})
   if cli.is_primary():  # several processes: process 0 alone writes the model, the others wait for it
     with run.export() as stage:
-      exports.save_lm(stage, lm, vocab, config, settings=settings, history=history)
+      exports.save_lm(stage, lm, vocab, config, backwards=args.backwards, settings=settings, history=history)
       if getattr(args, 'export_fastai', False):  # lm.pth + lm.pkl (fastai's load_pretrained), encoder.pth (load_encoder)
         ulmfit.save_pretrained(lm, vocab, stage / 'lm')
         ulmfit.save_encoder(lm, stage / 'encoder.pth')
@@ -261,7 +277,7 @@ def classifier_phase(args: argparse.Namespace, run: cli.RunFolder, data, tokeniz
   `predict.py --model` reads). `data`: `read_labelled`'s tuple; `lm`: a language model's
   folder whose vocabulary and encoder it starts from (None: a random encoder of `sizes(args)`,
   vocabulary from the training texts). Uses args: min_freq, max_vocab, size, drop_mult, bs,
-  bptt, max_len, max_chars, precision, seed, save_every, resume, lr_find."""
+  bptt, max_len, max_chars, backwards, precision, seed, save_every, resume, lr_find."""
   from flax_ulmfit import exports, parallel, ulmfit
   from flax_ulmfit.interop import flax_to_torch, load_encoder
   from flax_ulmfit.text import Vocab
@@ -272,10 +288,12 @@ def classifier_phase(args: argparse.Namespace, run: cli.RunFolder, data, tokeniz
 
   train_texts, train_y, valid_texts, valid_y, source = data
   labels = CategoryMap.from_labels(train_y)
-  train_tokens, valid_tokens = tokenizer(train_texts), tokenizer(valid_texts)
+  train_tokens, valid_tokens = (exports.model_tokens(t, tokenizer, backwards=args.backwards)
+                                for t in (train_texts, valid_texts))
   encoder = None
   if lm is not None:
     lm_model, vocab, info = exports.load_lm(lm)
+    _check_direction(lm, info, args.backwards)
     if vocab.tokenizer != tokenizer.name:
       raise ValueError(f'{lm}: its vocabulary was made by tokenizer {vocab.tokenizer!r}, not {tokenizer.name!r}')
     shape, encoder = {k: info['config'][k] for k in ('emb_sz', 'n_hid', 'n_layers')}, flax_to_torch(lm_model.encoder)
@@ -308,8 +326,8 @@ def classifier_phase(args: argparse.Namespace, run: cli.RunFolder, data, tokeniz
                                           'labels': labels.classes})
   if cli.is_primary():
     with run.export() as stage:
-      exports.save_classifier(stage, clf, vocab, labels, arch, {'max_chars': args.max_chars}, settings=settings,
-                              history=history)
+      preprocess = {'max_chars': args.max_chars, 'backwards': args.backwards}
+      exports.save_classifier(stage, clf, vocab, labels, arch, preprocess, settings=settings, history=history)
   cli.wait_for_all(f'{run.model} written')
   print(f'classifier: valid accuracy {history[-1]["valid_accuracy"]:.4f}; weights, vocabulary, labels and config in '
         f'{run.model}/ (python scripts/predict.py --model {run.path} "some text")', flush=True)

@@ -32,6 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   start.add_argument('--pretrained-vocab', type=cli.existing_file, help="fastai's vocabulary (itos .pkl, or a JSON list)")
   model = parser.add_argument_group('model and training')
   ulmfit_cli.add_size_arg(model, 'small')
+  ulmfit_cli.add_direction_arg(model)
   ulmfit_cli.add_training_args(model, ulmfit_cli.FINETUNE)
   ulmfit_cli.add_vocab_args(parser)
   ulmfit_cli.add_export_arg(parser)

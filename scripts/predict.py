@@ -1,14 +1,16 @@
-"""Classifies texts with a classifier that train_classifier.py or ulmfit.py trained.
+"""Classifies texts with the classifiers that train_classifier.py or ulmfit.py trained.
 
-Reads the classifier, its vocabulary, labels and preprocessing (e.g. the first N characters
-of each text) from --model (the run's --out folder or its model/), then the texts: the
-arguments, --file F (one text per line), or standard input (one text per line). Prints one
-line per text, `label<TAB>probability` (the most probable class), or with --json one JSON
-object per line, {"label": ..., "probability": ..., "probabilities": {class: p, ...}}.
+Reads each classifier, its vocabulary, labels and preprocessing (e.g. the first N characters
+of each text, read backwards) from --model (a run's --out folder or its model/; ulmfit.py's
+holds a forward and a backward classifier), then the texts: the arguments, --file F (one text
+per line), or standard input (one text per line). Several models (--model A --model B) average their
+class probabilities. Prints one line per text, `label<TAB>probability` (the most probable
+class), or with --json one JSON object per line,
+{"label": ..., "probability": ..., "probabilities": {class: p, ...}}.
 
   python scripts/predict.py --model runs/ulmfit "Shares in the bank fell 5% after its results."
   python scripts/predict.py --model runs/ulmfit --file articles.txt --json
-  cat articles.txt | python scripts/predict.py --model runs/ulmfit
+  cat articles.txt | python scripts/predict.py --model runs/forward --model runs/backward
 """
 from __future__ import annotations
 
@@ -23,8 +25,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   parser.add_argument('texts', nargs='*', help='texts to classify (default: --file, else standard input)')
-  parser.add_argument('--model', type=cli.existing_dir, required=True,
-                      help='the --out folder of train_classifier.py or ulmfit.py (or its model/ folder)')
+  parser.add_argument('--model', type=cli.existing_dir, action='append', required=True, metavar='DIR',
+                      help='the --out folder of train_classifier.py or ulmfit.py (or its model/ folder); repeated: '
+                           'the mean of the models\' probabilities')
   parser.add_argument('--file', type=cli.existing_file, help='a UTF-8 file with one text per line')
   parser.add_argument('--json', action='store_true', help='one JSON object per line instead of label<TAB>probability')
   parser.add_argument('--bs', type=cli.positive_int, default=64, help='texts per batch')
@@ -52,13 +55,10 @@ def read_texts(args: argparse.Namespace) -> list[str]:
 def main(args: argparse.Namespace) -> None:
   from flax_ulmfit import exports
   from flax_ulmfit.text import Tokenizer
-  clf, vocab, labels, info = exports.load_classifier(args.model)
-  texts = exports.preprocess(read_texts(args), **info['preprocess'])
-  tokenizer = Tokenizer(n_workers=1, progress=False)
-  if tokenizer.name != vocab.tokenizer:
-    raise ValueError(f'{args.model}: the vocabulary was made by tokenizer {vocab.tokenizer!r}; this installation '
-                     f'tokenizes with {tokenizer.name!r}, whose tokens would not match it')
-  probs = exports.predict_proba(clf, [vocab.numericalize(t) for t in tokenizer(texts)], args.bs)
+  classifiers = [member for folder in args.model for member in exports.load_classifiers(folder)]
+  texts = read_texts(args)
+  probs = exports.predict_texts(classifiers, texts, Tokenizer(n_workers=1, progress=False), args.bs)
+  labels = classifiers[0][2]
   for row in probs:
     best = int(row.argmax())
     if args.json:

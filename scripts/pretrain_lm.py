@@ -28,6 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   ulmfit_cli.add_vocab_args(parser)
   model = parser.add_argument_group('model and training')
   ulmfit_cli.add_size_arg(model, 'small')
+  ulmfit_cli.add_direction_arg(model)
   ulmfit_cli.add_training_args(model, ulmfit_cli.PRETRAIN)
   ulmfit_cli.add_export_arg(parser)
   cli.add_run_args(parser, out='runs/pretrain_lm')

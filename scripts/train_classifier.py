@@ -29,6 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   model.add_argument('--lm', type=cli.existing_dir,
                      help='a language model run (finetune_lm.py --out): its vocabulary and encoder (default: random encoder)')
   ulmfit_cli.add_size_arg(model, 'small')
+  ulmfit_cli.add_direction_arg(model)
   ulmfit_cli.add_training_args(model, ulmfit_cli.CLASSIFIER)
   ulmfit_cli.add_vocab_args(parser)
   cli.add_run_args(parser, out='runs/train_classifier')

@@ -122,11 +122,13 @@ def test_sigkill_at_and_after_a_stage_boundary_then_resume_equals_the_uninterrup
   assert last.stdout.splitlines()[-1] == uninterrupted[1].stdout.splitlines()[-1]
 
 
-def _in_process(out: Path, texts: list[str]) -> np.ndarray:
+def _in_process(out: Path, texts: list[str], backwards: bool = False) -> np.ndarray:
+  """The classifier's probabilities on the texts' tokens (reversed with `backwards`), in this process."""
   from flax_ulmfit import exports
   from flax_ulmfit.text import Tokenizer
   clf, vocab, labels, _ = exports.load_classifier(out)
-  return exports.predict_proba(clf, [vocab.numericalize(t) for t in Tokenizer(n_workers=1, progress=False)(texts)])
+  tokens = Tokenizer(n_workers=1, progress=False)(texts)
+  return exports.predict_proba(clf, [vocab.numericalize(t[::-1] if backwards else t) for t in tokens])
 
 
 def test_predict_round_trip(tmp_path, env, uninterrupted):
@@ -172,6 +174,41 @@ def test_predict_applies_the_training_prefix(tmp_path, env, uninterrupted):
   np.testing.assert_allclose(list(got.values()), _in_process(out, [text[:20]])[0], rtol=1e-6, atol=1e-7)
 
 
+def _edited_copy(source: Path, target: Path, edit) -> Path:
+  """A copy of the model folder `source` whose config.json (or labels.json) `edit` changed."""
+  shutil.copytree(source, target)
+  for name, key in (('config.json', 'preprocess'), ('labels.json', 'classes')):
+    data = json.loads((target / name).read_text())
+    data[key] = edit(name, data[key])
+    (target / name).write_text(json.dumps(data))
+  return target
+
+
+def test_predict_reads_backwards_and_averages_several_models(tmp_path, env, uninterrupted):
+  """A classifier saved with 'backwards' reads each text's tokens reversed; --model A --model B
+  prints the mean of their probabilities (JSON floats: float32 exactly, the mean within 1e-7)."""
+  model = uninterrupted[0] / 'model'
+  backward = _edited_copy(model, tmp_path / 'backward', lambda name, v: dict(v, backwards=True) if name == 'config.json' else v)
+  texts = ['The coach and the team win the match .', 'Bank profit and the tax rate .', 'A robot writes app code .']
+
+  def predicted(*models):
+    result = run(PREDICT, [arg for m in models for arg in ('--model', m)] + ['--json', *texts], env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return np.array([list(json.loads(line)['probabilities'].values()) for line in result.stdout.splitlines()])
+
+  reversed_probs, forward_probs = _in_process(model, texts, backwards=True), _in_process(model, texts)
+  assert np.abs(reversed_probs - forward_probs).max() > 1e-3  # the direction changes the answer
+  np.testing.assert_allclose(predicted(backward), reversed_probs, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(predicted(model, backward), (forward_probs + reversed_probs) / 2, rtol=1e-6, atol=1e-7)
+
+  relabelled = _edited_copy(model, tmp_path / 'relabelled', lambda name, v: v[::-1] if name == 'labels.json' else v)
+  config = json.loads((relabelled / 'config.json').read_text())
+  config['classes'] = config['classes'][::-1]
+  (relabelled / 'config.json').write_text(json.dumps(config))
+  mixed = run(PREDICT, ['--model', model, '--model', relabelled, 'a text'], env)
+  assert mixed.returncode == 1 and 'same classes in the same order' in mixed.stderr and 'Traceback' not in mixed.stderr
+
+
 def test_predict_hostile_input(tmp_path, env, uninterrupted):
   out = uninterrupted[0]
   missing = run(PREDICT, ['--model', out, '--file', tmp_path / 'none.txt'], env)
@@ -191,6 +228,16 @@ def test_predict_hostile_input(tmp_path, env, uninterrupted):
   (other / 'vocab.json').write_text(json.dumps(vocab))
   wrong = run(PREDICT, ['--model', other, 'a text'], env)
   assert wrong.returncode == 1 and 'belongs to another model' in wrong.stderr and 'Traceback' not in wrong.stderr
+
+  from flax_ulmfit import exports
+  ensemble = tmp_path / 'ensemble'
+  exports.save_ensemble(ensemble, {'a': out, 'b': out / 'model'})
+  config = json.loads((ensemble / 'config.json').read_text())
+  for members, message in ((['a', '../other'], "member '../other' must be a plain folder name"),
+                           ([], 'lists no members')):
+    (ensemble / 'config.json').write_text(json.dumps(dict(config, members=members)))
+    refused = run(PREDICT, ['--model', ensemble, 'a text'], env)
+    assert refused.returncode == 1 and message in refused.stderr and 'Traceback' not in refused.stderr
 
 
 def test_a_diverging_run_stops_and_keeps_the_finished_model(tmp_path, corpus, env, uninterrupted):

@@ -1,6 +1,7 @@
 """scripts/ulmfit.py end to end on small files the tests write (a WikiText file, a CSV): the
-three phases and their folders, predict.py reading the result, and a run killed in the
-classifier phase resumed (the finished language-model phases restored) to the same weights."""
+three phases of each direction and their folders, predict.py reading the result (the mean of
+the forward and backward classifiers' probabilities), and a run killed in the classifier
+phase resumed (the finished language-model phases restored) to the same weights."""
 import json
 import signal
 
@@ -36,38 +37,82 @@ def whole(tmp_path_factory, files, env):
   return out, result
 
 
-def test_ulmfit_runs_the_three_phases_and_predict_reads_the_result(whole, env):
+def _config(folder):
+  return json.loads((folder / 'config.json').read_text())
+
+
+def test_ulmfit_runs_the_three_phases_both_ways_and_predict_reads_the_result(whole, env, files):
   out, result = whole
-  assert result.stdout.splitlines()[-1].startswith('accuracy=')
-  for phase in ('pretrain', 'finetune'):
-    assert sorted(p.name for p in (out / phase / 'model').iterdir()) == ['config.json', 'lm.npz', 'vocab.json']
-  assert sorted(p.name for p in (out / 'model').iterdir()) == ['classifier.npz', 'config.json', 'labels.json', 'vocab.json']
-  # the classifier reads the fine-tuned language model's vocabulary
-  assert (json.loads((out / 'model' / 'vocab.json').read_text())['itos']
-          == json.loads((out / 'finetune' / 'model' / 'vocab.json').read_text())['itos'])
-  config = json.loads((out / 'model' / 'config.json').read_text())
-  assert config['preprocess'] == {'max_chars': 1000}
+  lines = result.stdout.splitlines()
+  for direction, backwards in (('forward', False), ('backward', True)):
+    for phase in ('pretrain', 'finetune'):
+      lm = out / direction / phase / 'model'
+      assert sorted(p.name for p in lm.iterdir()) == ['config.json', 'lm.npz', 'vocab.json']
+      assert _config(lm)['backwards'] is backwards
+    clf = out / direction / 'model'
+    assert sorted(p.name for p in clf.iterdir()) == ['classifier.npz', 'config.json', 'labels.json', 'vocab.json']
+    # the classifier reads the fine-tuned language model's vocabulary
+    assert (json.loads((clf / 'vocab.json').read_text())['itos']
+            == json.loads((out / direction / 'finetune' / 'model' / 'vocab.json').read_text())['itos'])
+    assert _config(clf)['preprocess'] == {'max_chars': 1000, 'backwards': backwards}
+  # model/: both classifiers, copied; what predict.py --model OUT reads
+  assert sorted(p.name for p in (out / 'model').iterdir()) == ['backward', 'config.json', 'forward']
+  assert _config(out / 'model')['members'] == ['forward', 'backward']
+  for direction in ('forward', 'backward'):
+    for name in ('classifier.npz', 'vocab.json', 'labels.json', 'config.json'):
+      assert (out / 'model' / direction / name).read_bytes() == (out / direction / 'model' / name).read_bytes()
   assert 'perplexity' in result.stdout and 'valid_accuracy' in result.stdout
-  predicted = script_runs.run(PREDICT, ['--model', out, '--json', 'bank market stock price .'], env)
-  assert predicted.returncode == 0, predicted.stderr[-2000:]
-  assert json.loads(predicted.stdout)['label'] in ('money', 'sport', 'tech')
+  assert lines[-2].startswith('validation accuracy: forward ') and ', both (mean of their probabilities) ' in lines[-2]
+  assert lines[-1].startswith('accuracy=')
+
+  # the last line is the accuracy of what predict.py prints for the valid texts; --model OUT
+  # equals --model OUT/forward --model OUT/backward
+  texts, labels = _valid_texts(files[3])
+  both = _predict(['--model', out], texts, env)
+  assert _predict(['--model', out / 'forward', '--model', out / 'backward'], texts, env) == both
+  accuracy = np.mean([row['label'] == label for row, label in zip(both, labels)])
+  assert lines[-1] == f'accuracy={accuracy:.4f}'
+  forward, backward = (_predict(['--model', out / d], texts, env) for d in ('forward', 'backward'))
+  for row, f, b in zip(both, forward, backward):
+    for label, p in row['probabilities'].items():  # float32 probabilities, averaged in float32
+      assert abs(p - (f['probabilities'][label] + b['probabilities'][label]) / 2) < 1e-6
 
 
-def test_killed_in_the_classifier_phase_and_resumed_equals_the_uninterrupted_run(tmp_path, files, env, whole):
+def _valid_texts(csv_path):
+  """The valid texts and labels of the CSV under ulmfit.py's default split."""
+  import argparse
+
+  from flax_ulmfit import ulmfit_cli
+  args = argparse.Namespace(imdb=None, folder=None, csv=csv_path, text_col='text', label_col='label', valid_pct=0.2,
+                            split_seed=42, max_chars=1000)
+  _, _, valid, valid_y, _ = ulmfit_cli.read_labelled(args)
+  return valid, valid_y
+
+
+def _predict(model_args, texts, env):
+  result = script_runs.run(PREDICT, [*model_args, '--json'], env, input='\n'.join(texts))
+  assert result.returncode == 0, result.stderr[-2000:]
+  return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_killed_in_the_backward_classifier_phase_and_resumed_equals_the_uninterrupted_run(tmp_path, files, env, whole):
+  """--direction backward alone trains what the backward half of --direction both trains."""
   out = tmp_path / 'run'
-  args = [*files, *TINY, '--out', out]
+  args = [*files, *TINY, '--direction', 'backward', '--out', out]
   killed = script_runs.run_with_signal(SCRIPT, 'ClasLoader', signal.SIGKILL, 0, 6, args, env, timeout=900)
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-  assert (out / 'finetune' / 'model').is_dir() and not (out / 'model').exists()
+  assert (out / 'backward' / 'finetune' / 'model').is_dir() and not (out / 'backward' / 'model').exists()
   other = run([*args, '--resume', '--clas-lrs', '1e-1', '1e-2', '1e-2', '1e-2'], env)
   assert other.returncode == 1 and 'clas_lrs' in other.stderr
   resumed = run([*args, '--resume'], env)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert 'epoch 0, batch 4' in resumed.stdout
-  mine, reference = weights(out), weights(whole[0])
+  mine, reference = weights(out / 'backward'), weights(whole[0] / 'backward')
   for key in reference:
     np.testing.assert_array_equal(mine[key], reference[key], err_msg=key)
-  assert resumed.stdout.splitlines()[-1] == whole[1].stdout.splitlines()[-1]
+  backward = whole[1].stdout.splitlines()[-2].split(', ')[1]  # 'backward 0.xxxx'
+  assert resumed.stdout.splitlines()[-2] == f'validation accuracy: {backward}'
+  assert _config(out / 'model')['members'] == ['backward']
 
 
 def test_finetune_lm_from_fastai_files_and_export_for_fastai(tmp_path, files, env):
@@ -98,3 +143,16 @@ def test_finetune_lm_from_fastai_files_and_export_for_fastai(tmp_path, files, en
   encoder = fastai_files.read_state_dict(model / 'encoder.pth')
   assert encoder['encoder.weight'].shape == (len(new_itos), 16)
   assert fastai_files.read_state_dict(model / 'lm.pth')['1.decoder.bias'].shape == (len(new_itos),)
+
+
+def test_a_model_built_on_a_language_model_must_read_in_its_direction(whole, files, env, tmp_path):
+  out = whole[0]
+  script = script_runs.ROOT / 'scripts' / 'train_classifier.py'
+  refused = script_runs.run(script, [files[2], files[3], '--lm', out / 'forward' / 'finetune', '--backwards',
+                                     '--size', 'tiny', '--out', tmp_path / 'clf'], env)
+  assert refused.returncode == 1 and 'reads texts forwards; drop --backwards' in refused.stderr
+  refused = script_runs.run(script_runs.ROOT / 'scripts' / 'finetune_lm.py',
+                            [files[2], files[3], '--lm', out / 'backward' / 'pretrain', '--size', 'tiny',
+                             '--out', tmp_path / 'lm'], env)
+  assert refused.returncode == 1 and 'reads texts backwards; add --backwards' in refused.stderr
+  assert not (tmp_path / 'clf' / 'model').exists() and not (tmp_path / 'lm' / 'model').exists()
