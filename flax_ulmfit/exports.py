@@ -129,6 +129,10 @@ def load_classifier(path: str | os.PathLike, *, dtype=None) -> tuple[TextClassif
   if labels.classes != info['classes']:
     raise ValueError(f'{folder / "labels.json"} lists {labels.classes} but the weights in {folder} were trained '
                      f'for {info["classes"]}: the labels belong to another model')
+  preprocessing = info.get('preprocess')
+  if not isinstance(preprocessing, dict) or not set(preprocessing) <= {'max_chars', 'backwards'}:
+    raise ValueError(f'{folder / "config.json"}: unknown preprocessing {preprocessing!r} (this library knows '
+                     "'max_chars' and 'backwards'): the model was written by another version; export it again")
   clf = build_classifier(len(vocab), len(labels), info['arch'], dtype=dtype)
   state_dict, _ = checkpoint.load(folder / 'classifier.npz', flax_to_torch(clf))
   return torch_to_flax(state_dict, clf), vocab, labels, dict(info, folder=str(folder))

@@ -89,7 +89,7 @@ def test_train_classifier_writes_the_model_folder(uninterrupted):
   assert sorted(p.name for p in (out / 'checkpoints').iterdir()) == ['0-head', '1-all']
   config = json.loads((out / 'model' / 'config.json').read_text())
   assert json.loads((out / 'model' / 'labels.json').read_text())['classes'] == ['money', 'sport', 'tech']
-  assert config['arch']['seq_len'] == 32 and config['preprocess'] == {'max_chars': None}
+  assert config['arch']['seq_len'] == 32 and config['preprocess'] == {'max_chars': None, 'backwards': False}
   assert [r['stage'] for r in config['history']] == ['head'] + ['all'] * 8
 
 

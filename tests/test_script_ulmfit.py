@@ -95,24 +95,27 @@ def _predict(model_args, texts, env):
   return [json.loads(line) for line in result.stdout.splitlines()]
 
 
-def test_killed_in_the_backward_classifier_phase_and_resumed_equals_the_uninterrupted_run(tmp_path, files, env, whole):
-  """--direction backward alone trains what the backward half of --direction both trains."""
+def test_killed_in_the_backward_classifier_phase_and_resumed_with_both_directions_equals_the_uninterrupted_run(
+    tmp_path, files, env, whole):
+  """A --direction backward run killed in its classifier phase, resumed as --direction both:
+  the backward half continues, the forward half is trained, and both equal --direction both's."""
   out = tmp_path / 'run'
-  args = [*files, *TINY, '--direction', 'backward', '--out', out]
-  killed = script_runs.run_with_signal(SCRIPT, 'ClasLoader', signal.SIGKILL, 0, 6, args, env, timeout=900)
+  args = [*files, *TINY, '--out', out]
+  killed = script_runs.run_with_signal(SCRIPT, 'ClasLoader', signal.SIGKILL, 0, 6, [*args, '--direction', 'backward'],
+                                       env, timeout=900)
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
   assert (out / 'backward' / 'finetune' / 'model').is_dir() and not (out / 'backward' / 'model').exists()
-  other = run([*args, '--resume', '--clas-lrs', '1e-1', '1e-2', '1e-2', '1e-2'], env)
+  other = run([*args, '--direction', 'backward', '--resume', '--clas-lrs', '1e-1', '1e-2', '1e-2', '1e-2'], env)
   assert other.returncode == 1 and 'clas_lrs' in other.stderr
   resumed = run([*args, '--resume'], env)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert 'epoch 0, batch 4' in resumed.stdout
-  mine, reference = weights(out / 'backward'), weights(whole[0] / 'backward')
-  for key in reference:
-    np.testing.assert_array_equal(mine[key], reference[key], err_msg=key)
-  backward = whole[1].stdout.splitlines()[-2].split(', ')[1]  # 'backward 0.xxxx'
-  assert resumed.stdout.splitlines()[-2] == f'validation accuracy: {backward}'
-  assert _config(out / 'model')['members'] == ['backward']
+  for direction in ('forward', 'backward'):
+    mine, reference = weights(out / direction), weights(whole[0] / direction)
+    for key in reference:
+      np.testing.assert_array_equal(mine[key], reference[key], err_msg=f'{direction} {key}')
+  assert resumed.stdout.splitlines()[-2:] == whole[1].stdout.splitlines()[-2:]
+  assert _config(out / 'model')['members'] == ['forward', 'backward']
 
 
 def test_finetune_lm_from_fastai_files_and_export_for_fastai(tmp_path, files, env):
