@@ -174,8 +174,11 @@ def load_classifiers(path: str | os.PathLike, *, dtype=None) -> list[tuple[TextC
   path = Path(path)
   for folder in (path, path / 'model'):
     config = folder / 'config.json'
-    if _format(config) == ENSEMBLE_FORMAT:
-      info = read_json(config, ENSEMBLE_FORMAT, 'load_classifiers')
+    if _format(config) == LM_FORMAT:
+      raise ValueError(f'{folder} holds a language model, not a classifier: give the --out folder of '
+                       'train_classifier.py or ulmfit.py')
+    if _format(config) == ENSEMBLE_FORMAT or (config.is_file() and not (folder / 'classifier.npz').is_file()):
+      info = read_json(config, ENSEMBLE_FORMAT, 'load_classifiers')  # names what is wrong with another file
       members = info.get('members')
       if not isinstance(members, list) or not members:
         raise ValueError(f'{config} lists no members ({members!r}): rebuild the ensemble')

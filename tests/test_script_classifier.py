@@ -238,6 +238,11 @@ def test_predict_hostile_input(tmp_path, env, uninterrupted):
     (ensemble / 'config.json').write_text(json.dumps(dict(config, members=members)))
     refused = run(PREDICT, ['--model', ensemble, 'a text'], env)
     assert refused.returncode == 1 and message in refused.stderr and 'Traceback' not in refused.stderr
+  for text, message in (('garbage{', 'is not readable JSON'),
+                        ('{"format": "flax_ulmfit.lm_run/1"}', 'holds a language model, not a classifier')):
+    (ensemble / 'config.json').write_text(text)
+    refused = run(PREDICT, ['--model', ensemble, 'a text'], env)
+    assert refused.returncode == 1 and message in refused.stderr and 'Traceback' not in refused.stderr
 
 
 def test_a_diverging_run_stops_and_keeps_the_finished_model(tmp_path, corpus, env, uninterrupted):
