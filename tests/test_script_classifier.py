@@ -174,6 +174,25 @@ def test_predict_applies_the_training_prefix(tmp_path, env, uninterrupted):
   np.testing.assert_allclose(list(got.values()), _in_process(out, [text[:20]])[0], rtol=1e-6, atol=1e-7)
 
 
+def test_predict_jsonl_carries_line_breaks(tmp_path, env, uninterrupted):
+  """--jsonl: one JSON string per line, so a text keeps its line breaks (as an argument does);
+  a line that is not a JSON string is refused, naming it."""
+  out = uninterrupted[0]
+  texts = ['Bank profit .\n\nThe tax rate and the stock price .', 'The coach and the team\nwin the match .']
+  as_args = run(PREDICT, ['--model', out, '--json', *texts], env)
+  file = tmp_path / 'texts.jsonl'
+  file.write_text('\n'.join(json.dumps(t) for t in texts) + '\n\n', encoding='utf-8')
+  as_jsonl = run(PREDICT, ['--model', out, '--json', '--jsonl', '--file', file], env)
+  assert as_args.returncode == 0 and as_jsonl.returncode == 0, as_jsonl.stderr[-2000:]
+  assert as_jsonl.stdout == as_args.stdout
+  np.testing.assert_allclose([list(json.loads(line)['probabilities'].values()) for line in as_jsonl.stdout.splitlines()],
+                             _in_process(out, texts), rtol=1e-6, atol=1e-7)
+  flattened = _in_process(out, [' '.join(t.split()) for t in texts])  # what one text per line would give
+  assert np.abs(flattened - _in_process(out, texts)).max() > 1e-4
+  bad = run(PREDICT, ['--model', out, '--jsonl'], env, input='"fine"\n{"text": 1}\n')
+  assert bad.returncode == 1 and 'line 2 of standard input' in bad.stderr and 'not a JSON string' in bad.stderr
+
+
 def _edited_copy(source: Path, target: Path, edit) -> Path:
   """A copy of the model folder `source` whose config.json (or labels.json) `edit` changed."""
   shutil.copytree(source, target)
