@@ -59,7 +59,10 @@ def model_tokens(texts: Sequence[str], tokenizer, *, max_chars: int | None = Non
                  backwards: bool = False) -> list[list[str]]:
   """Texts as a model reads them: `preprocess`ed, tokenized, and with `backwards` each text's
   tokens reversed (fastai's `backwards=True`: the model reads every text from its end)."""
-  tokens = tokenizer(preprocess(texts, max_chars))
+  return _directed(tokenizer(preprocess(texts, max_chars)), backwards)
+
+
+def _directed(tokens: Sequence[Sequence[str]], backwards: bool) -> list[list[str]]:
   return [list(t)[::-1] for t in tokens] if backwards else [list(t) for t in tokens]
 
 
@@ -174,10 +177,11 @@ def load_classifiers(path: str | os.PathLike, *, dtype=None) -> list[tuple[TextC
   path = Path(path)
   for folder in (path, path / 'model'):
     config = folder / 'config.json'
-    if _format(config) == LM_FORMAT:
+    declared = _format(config)
+    if declared == LM_FORMAT:
       raise ValueError(f'{folder} holds a language model, not a classifier: give the --out folder of '
                        'train_classifier.py or ulmfit.py')
-    if _format(config) == ENSEMBLE_FORMAT or (config.is_file() and not (folder / 'classifier.npz').is_file()):
+    if declared == ENSEMBLE_FORMAT or (config.is_file() and not (folder / 'classifier.npz').is_file()):
       info = read_json(config, ENSEMBLE_FORMAT, 'load_classifiers')  # names what is wrong with another file
       members = info.get('members')
       if not isinstance(members, list) or not members:
@@ -191,10 +195,11 @@ def load_classifiers(path: str | os.PathLike, *, dtype=None) -> list[tuple[TextC
 def predict_texts(classifiers: Sequence[tuple], texts: Sequence[str], tokenizer, bs: int = 64) -> np.ndarray:
   """(n_texts, n_class) class probabilities of raw texts, averaged over `classifiers`
   (`load_classifiers`' tuples, which must share their classes), each reading the texts as it
-  was trained to (its 'preprocess': first characters, direction)."""
+  was trained to (its 'preprocess': first characters, direction); texts are tokenized once
+  per prefix length, however many classifiers read them."""
   first = classifiers[0][3]['folder']
   classes = classifiers[0][2].classes
-  probs = []
+  tokenized, probs = {}, []
   for clf, vocab, labels, info in classifiers:
     if labels.classes != classes:
       raise ValueError(f'{info["folder"]} classifies into {labels.classes}, {first} into {classes}: models averaged '
@@ -202,7 +207,10 @@ def predict_texts(classifiers: Sequence[tuple], texts: Sequence[str], tokenizer,
     if tokenizer.name != vocab.tokenizer:
       raise ValueError(f'{info["folder"]}: the vocabulary was made by tokenizer {vocab.tokenizer!r}; this '
                        f'installation tokenizes with {tokenizer.name!r}, whose tokens would not match it')
-    tokens = model_tokens(texts, tokenizer, **info['preprocess'])
+    max_chars = info['preprocess'].get('max_chars')
+    if max_chars not in tokenized:
+      tokenized[max_chars] = tokenizer(preprocess(texts, max_chars))
+    tokens = _directed(tokenized[max_chars], info['preprocess'].get('backwards', False))
     probs.append(predict_proba(clf, [vocab.numericalize(t) for t in tokens], bs))
   return np.mean(probs, axis=0)
 

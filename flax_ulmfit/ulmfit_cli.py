@@ -53,13 +53,14 @@ def add_labelled_args(parser: argparse.ArgumentParser) -> None:
 def add_direction_arg(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--backwards', action='store_true',
                       help="read every text from its end (fastai's backwards=True; saved with the model); a backward "
-                           "classifier's predictions average with a forward one's: predict.py --model FORWARD BACKWARD")
+                           "classifier's predictions average with a forward one's: predict.py --model FORWARD --model BACKWARD")
 
 
 def _check_direction(folder, info: dict, backwards: bool) -> None:
   """A language model and the model built on it read texts in the same direction."""
-  if info.get('backwards', False) != backwards:
-    read = 'backwards' if info.get('backwards', False) else 'forwards'
+  built_backwards = info.get('backwards', False)
+  if built_backwards != backwards:
+    read = 'backwards' if built_backwards else 'forwards'
     raise ValueError(f'{folder}: that language model reads texts {read}; '
                      + ('drop --backwards' if read == 'forwards' else 'add --backwards') + ' to build on it')
 
