@@ -11,7 +11,8 @@ texts of similar lengths behind whole chunks of padding (skipped by both). torch
 fastai's algorithm: only the rows whose text has started, chunks with none skipped.
 
 Each round runs every batch once in each framework, alternating; the time per round is the
-sum over batches of each batch's median over the timed rounds. Prints both and, last,
+sum over batches of each batch's median over the timed rounds. Prints each batch's medians
+(which lengths lose), the round times and, last,
 `speedup_vs_torch=<float>` (torch's time / Flax's) for the first config named.
 
   python benchmarks/clas_step.py                          # 400/400/3, then fastai's 400/1152/3
@@ -126,6 +127,9 @@ def run(name: str) -> float:
   times, last = timing.alternate(runners, args.rounds * n, args.warmup * n)
   per_round = {label: sum(statistics.median(t[b::n]) for b in range(n)) for label, t in times.items()}
   shapes = ' '.join(str(x.shape[1]) for x, _ in data)
+  for b, (x, _) in enumerate(data):
+    f, t = (statistics.median(times[label][b::n]) for label in ('flax', 'torch'))
+    print(f'  batch {b}: {x.shape[0]}x{x.shape[1]} tokens: flax {f / 1e3:.2f} s, torch {t / 1e3:.2f} s, ratio {t / f:.3f}')
   print(f'{name:8s} V={vocab} {emb}/{hid}/{layers} bs={args.bs}, {n} batches of lengths {shapes}: '
         f'flax {per_round["flax"] / 1e3:7.2f} s  torch {per_round["torch"] / 1e3:7.2f} s per round '
         f'(per-batch medians of {args.rounds}; last losses {last["flax"]:.3f} / {last["torch"]:.3f})  '

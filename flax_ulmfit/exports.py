@@ -194,8 +194,8 @@ def load_classifiers(path: str | os.PathLike, *, dtype=None) -> list[tuple[TextC
 
 def predict_texts(classifiers: Sequence[tuple], texts: Sequence[str], tokenizer, bs: int = 64) -> np.ndarray:
   """(n_texts, n_class) class probabilities of raw texts, averaged over `classifiers`
-  (`load_classifiers`' tuples, which must share their classes), each reading the texts as it
-  was trained to (its 'preprocess': first characters, direction); texts are tokenized once
+  (`load_classifiers`' tuples, which must share their classes), each reading the texts as its
+  'preprocess' says (first characters, direction); texts are tokenized once
   per prefix length, however many classifiers read them."""
   first = classifiers[0][3]['folder']
   classes = classifiers[0][2].classes

@@ -48,6 +48,9 @@ def add_labelled_args(parser: argparse.ArgumentParser) -> None:
                     help='valid = numpy.random.RandomState(SEED).permutation(n)[:round(n * valid_pct)]')
   data.add_argument('--max-chars', type=cli.positive_int,
                     help='keep only the first N characters of each text (saved with the model: predict.py does the same)')
+  data.add_argument('--train-chars', type=cli.positive_int,
+                    help='train on the first N characters of each text only (a language model reads them for '
+                         'validation too); the classifier is validated on, and predict.py reads, --max-chars')
 
 
 def add_direction_arg(parser: argparse.ArgumentParser) -> None:
@@ -153,9 +156,14 @@ def split(n: int, valid_pct: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
   return perm[n_valid:], perm[:n_valid]
 
 
+def train_chars(args: argparse.Namespace) -> int | None:
+  """How many first characters of each text training reads: --train-chars, else --max-chars."""
+  return args.max_chars if args.train_chars is None else args.train_chars
+
+
 def read_labelled(args: argparse.Namespace) -> tuple[list[str], list[str], list[str], list[str], str]:
-  """`(train_texts, train_labels, valid_texts, valid_labels, source)` from the data flags,
-  texts cut to `--max-chars`."""
+  """`(train_texts, train_labels, valid_texts, valid_labels, source)` from the data flags:
+  training texts cut to `train_chars(args)`, validation texts to `--max-chars`."""
   from flax_ulmfit.exports import preprocess
   from flax_ulmfit.text import corpora
   if args.imdb is not None:
@@ -181,7 +189,15 @@ def read_labelled(args: argparse.Namespace) -> tuple[list[str], list[str], list[
     train, train_y = [texts[i] for i in train_idx], [labels[i] for i in train_idx]
     valid, valid_y = [texts[i] for i in valid_idx], [labels[i] for i in valid_idx]
     source += f' (valid: {args.valid_pct:g} of the texts, split seed {args.split_seed})'
-  return preprocess(train, args.max_chars), train_y, preprocess(valid, args.max_chars), valid_y, source
+  return preprocess(train, train_chars(args)), train_y, preprocess(valid, args.max_chars), valid_y, source
+
+
+def lm_texts(data: tuple, args: argparse.Namespace) -> tuple[list[str], list[str]]:
+  """A language model's `(train_texts, valid_texts)` from `read_labelled`'s tuple: both cut to
+  `train_chars(args)` (the language model is part of training; its validation is its perplexity)."""
+  from flax_ulmfit.exports import preprocess
+  train, _, valid, _, _ = data
+  return train, preprocess(valid, train_chars(args))
 
 
 def pretrain_recipe(args: argparse.Namespace):

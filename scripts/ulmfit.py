@@ -6,6 +6,8 @@ sample (gensim's test data), fine-tuned on the training texts of BBC News (2,225
 5 classes; valid = numpy.random.RandomState(42).permutation(2225)[:445], on which the
 language model only measures its perplexity), then the classifier trained with gradual
 unfreezing; all of it once reading the texts forwards and once backwards (--direction).
+Training reads the first 1,000 characters of each article (--train-chars); the classifiers
+are validated on whole articles (--max-chars), as predict.py reads them.
 Prints a table per stage (losses, perplexity, accuracy), each direction's accuracy and last
 `accuracy=<validation accuracy of the mean of their class probabilities>`.
 --no-pretrain trains the same classifiers from random encoders (the transfer gain); --quick
@@ -32,10 +34,11 @@ from pathlib import Path
 from flax_ulmfit import atomic, cli, ulmfit_cli  # import no JAX: --devices must be set first
 
 # The demo's configuration: every default of this script is here.
-# Measured on 2 cores (docs/ulmfit.md): the first 1,000 characters of each article, a
-# 200/400/2 AWD-LSTM, vocabularies of at most 12,000 tokens.
+# Measured on 2 cores (docs/ulmfit.md): training reads the first 1,000 characters of each
+# article (validation and predict.py the whole article), a 200/400/2 AWD-LSTM, vocabularies
+# of at most 12,000 tokens.
 DEMO = dict(
-    size=dict(emb_sz=200, n_hid=400, n_layers=2), max_chars=1000, max_vocab=12000, precision='fp32',
+    size=dict(emb_sz=200, n_hid=400, n_layers=2), train_chars=1000, max_vocab=12000, precision='fp32',
     pretrain=dict(ulmfit_cli.PRETRAIN, drop_mult=0.5, epochs=[2], lrs=[1e-2], bs=32, bptt=72, wd=0.01, clip=0.25),
     finetune=dict(ulmfit_cli.FINETUNE, drop_mult=0.3, epochs=[1, 4], lrs=[2e-2, 5e-3], bs=32, bptt=72),
     classifier=dict(ulmfit_cli.CLASSIFIER, drop_mult=0.5, epochs=[1, 1, 1, 4], lrs=[2e-2, 1e-2, 5e-3, 2e-3], bs=32,
@@ -59,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help=f'the same stages on {QUICK["fraction"]:g} of the texts and {QUICK["pretrain_docs"]} '
                            'Wikipedia articles: a first look in a few minutes')
   ulmfit_cli.add_labelled_args(parser)
-  parser.set_defaults(max_chars=DEMO['max_chars'])
+  parser.set_defaults(train_chars=DEMO['train_chars'])
   wiki = parser.add_argument_group('language model pretraining data')
   wiki.add_argument('--wikitext', type=cli.existing_file, help='a WikiText token file (default: the embedded sample)')
   wiki.add_argument('--pretrain-valid-pct', type=cli.fraction, default=0.1, help='articles held out for perplexity')
@@ -152,7 +155,7 @@ def train_direction(direction: str, phases: dict, runs: dict, data: tuple, wiki:
   """ULMFiT's three phases reading the texts in one direction (no language model without `wiki`);
   the classifier's history (empty after --lr-find)."""
   from flax_ulmfit import ulmfit
-  train, _, valid, _, source = data
+  source = data[-1]
   lm = None
   if wiki is not None:
     print(f'== {direction}: pretraining the language model on {len(wiki)} Wikipedia articles', flush=True)
@@ -162,6 +165,7 @@ def train_direction(direction: str, phases: dict, runs: dict, data: tuple, wiki:
                         ulmfit_cli.pretrain_recipe(pretrain), settings, mesh=mesh)
     if pretrain.lr_find:
       return []
+    train, valid = ulmfit_cli.lm_texts(data, phases['finetune'])
     print(f'== {direction}: fine-tuning the language model on the {len(train):,} training texts of {source}', flush=True)
     ulmfit_cli.lm_phase(phases['finetune'], runs['finetune'], train, valid, tokenizer,
                         ulmfit_cli.recipe(ulmfit.LM_FINETUNE, phases['finetune']), settings, mesh=mesh,

@@ -2,6 +2,7 @@
 three phases of each direction and their folders, predict.py reading the result (the mean of
 the forward and backward classifiers' probabilities), and a run killed in the classifier
 phase resumed (the finished language-model phases restored) to the same weights."""
+import argparse
 import json
 import signal
 
@@ -54,7 +55,9 @@ def test_ulmfit_runs_the_three_phases_both_ways_and_predict_reads_the_result(who
     # the classifier reads the fine-tuned language model's vocabulary
     assert (json.loads((clf / 'vocab.json').read_text())['itos']
             == json.loads((out / direction / 'finetune' / 'model' / 'vocab.json').read_text())['itos'])
-    assert _config(clf)['preprocess'] == {'max_chars': 1000, 'backwards': backwards}
+    # the demo trains on the first 1,000 characters; validation and predict.py read whole texts
+    assert _config(clf)['preprocess'] == {'max_chars': None, 'backwards': backwards}
+    assert _config(clf)['settings']['train_chars'] == 1000
   # model/: both classifiers, copied; what predict.py --model OUT reads
   assert sorted(p.name for p in (out / 'model').iterdir()) == ['backward', 'config.json', 'forward']
   assert _config(out / 'model')['members'] == ['forward', 'backward']
@@ -80,13 +83,36 @@ def test_ulmfit_runs_the_three_phases_both_ways_and_predict_reads_the_result(who
 
 def _valid_texts(csv_path):
   """The valid texts and labels of the CSV under ulmfit.py's default split."""
-  import argparse
-
   from flax_ulmfit import ulmfit_cli
-  args = argparse.Namespace(imdb=None, folder=None, csv=csv_path, text_col='text', label_col='label', valid_pct=0.2,
-                            split_seed=42, max_chars=1000)
-  _, _, valid, valid_y, _ = ulmfit_cli.read_labelled(args)
+  _, _, valid, valid_y, _ = ulmfit_cli.read_labelled(_labelled_args(csv_path, train_chars=1000, max_chars=None))
   return valid, valid_y
+
+
+def _labelled_args(csv_path, **chars):
+  return argparse.Namespace(imdb=None, folder=None, csv=csv_path, text_col='text', label_col='label', valid_pct=0.2,
+                            split_seed=42, **chars)
+
+
+def test_train_chars_cuts_the_training_texts_and_max_chars_what_the_classifier_is_validated_on(tmp_path):
+  """--train-chars N: training (the language model's texts, train and valid, and the classifier's
+  training texts) reads the first N characters; the classifier's validation reads --max-chars
+  (whole texts if None); without --train-chars both read --max-chars."""
+  from flax_ulmfit import ulmfit_cli
+  csv_path = tmp_path / 'long.csv'
+  rows = [f'{"abcdefghij" * (3 + i % 4)},{"xy"[i % 2]}' for i in range(10)]  # texts of 30-60 characters
+  csv_path.write_text('text,label\n' + '\n'.join(rows) + '\n')
+  whole = ulmfit_cli.read_labelled(_labelled_args(csv_path, train_chars=None, max_chars=None))
+  assert max(len(t) for t in whole[0] + whole[2]) == 60
+  data = ulmfit_cli.read_labelled(_labelled_args(csv_path, train_chars=25, max_chars=None))
+  train, train_y, valid, valid_y, _ = data
+  assert (train_y, valid_y) == (whole[1], whole[3]) and valid == whole[2]
+  assert train == [t[:25] for t in whole[0]] and all(len(t) == 25 for t in train)
+  assert ulmfit_cli.lm_texts(data, _labelled_args(csv_path, train_chars=25, max_chars=None)) == (
+      train, [t[:25] for t in whole[2]])
+  args = _labelled_args(csv_path, train_chars=None, max_chars=40)
+  cut = ulmfit_cli.read_labelled(args)
+  assert cut[0] == [t[:40] for t in whole[0]] and cut[2] == [t[:40] for t in whole[2]]
+  assert ulmfit_cli.lm_texts(cut, args) == (cut[0], cut[2])
 
 
 def _predict(model_args, texts, env):
