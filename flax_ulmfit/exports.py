@@ -47,7 +47,7 @@ ENSEMBLE_FORMAT = 'flax_ulmfit.ensemble/1'
 
 
 def preprocess(texts: Sequence[str], max_chars: int | None = None) -> list[str]:
-  """Texts as a model was trained on them: the first `max_chars` characters of each (all if None)."""
+  """Texts as a model reads them: the first `max_chars` characters of each (all if None)."""
   if isinstance(texts, (str, bytes)):
     raise TypeError('preprocess: texts must be a list of texts, got one string; wrap it in a list')
   if max_chars is not None and (not isinstance(max_chars, int) or max_chars < 1):

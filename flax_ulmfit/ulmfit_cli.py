@@ -46,11 +46,13 @@ def add_labelled_args(parser: argparse.ArgumentParser) -> None:
                     help='share of the texts held out for validation (when the data has no valid split)')
   data.add_argument('--split-seed', type=cli.nonnegative_int, default=42,
                     help='valid = numpy.random.RandomState(SEED).permutation(n)[:round(n * valid_pct)]')
-  data.add_argument('--max-chars', type=cli.positive_int,
-                    help='keep only the first N characters of each text (saved with the model: predict.py does the same)')
-  data.add_argument('--train-chars', type=cli.positive_int,
-                    help='train on the first N characters of each text only (a language model reads them for '
-                         'validation too); the classifier is validated on, and predict.py reads, --max-chars')
+  data.add_argument('--max-chars', type=cli.positive_int, metavar='N',
+                    help='read only the first N characters of each text (none: whole texts); saved with the '
+                         'classifier: predict.py does the same')
+  data.add_argument('--train-chars', type=cli.positive_int, metavar='N',
+                    help='train on the first N characters of each text only, at most --max-chars (a language model '
+                         'reads them for validation too); the classifier is validated on, and predict.py reads, '
+                         '--max-chars (none: training reads --max-chars too)')
 
 
 def add_direction_arg(parser: argparse.ArgumentParser) -> None:
@@ -157,8 +159,14 @@ def split(n: int, valid_pct: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def train_chars(args: argparse.Namespace) -> int | None:
-  """How many first characters of each text training reads: --train-chars, else --max-chars."""
-  return args.max_chars if args.train_chars is None else args.train_chars
+  """How many first characters of each text training reads: --train-chars, else --max-chars.
+  Raises ValueError if training would read more than validation and prediction."""
+  if args.train_chars is None:
+    return args.max_chars
+  if args.max_chars is not None and args.train_chars > args.max_chars:
+    raise ValueError(f'--train-chars {args.train_chars} exceeds --max-chars {args.max_chars}: training would read '
+                     'more of each text than validation and predict.py; lower --train-chars or raise --max-chars')
+  return args.train_chars
 
 
 def read_labelled(args: argparse.Namespace) -> tuple[list[str], list[str], list[str], list[str], str]:
@@ -192,11 +200,11 @@ def read_labelled(args: argparse.Namespace) -> tuple[list[str], list[str], list[
   return preprocess(train, train_chars(args)), train_y, preprocess(valid, args.max_chars), valid_y, source
 
 
-def lm_texts(data: tuple, args: argparse.Namespace) -> tuple[list[str], list[str]]:
-  """A language model's `(train_texts, valid_texts)` from `read_labelled`'s tuple: both cut to
-  `train_chars(args)` (the language model is part of training; its validation is its perplexity)."""
+def lm_texts(train: list[str], valid: list[str], args: argparse.Namespace) -> tuple[list[str], list[str]]:
+  """A language model's `(train_texts, valid_texts)` from `read_labelled`'s: the validation texts
+  cut as the training texts are, to `train_chars(args)` (the language model is part of training;
+  its validation is its perplexity)."""
   from flax_ulmfit.exports import preprocess
-  train, _, valid, _, _ = data
   return train, preprocess(valid, train_chars(args))
 
 

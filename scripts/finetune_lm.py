@@ -46,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> list[dict]:
-  train_texts, valid_texts = ulmfit_cli.lm_texts(ulmfit_cli.read_labelled(args), args)
+  train_texts, _, valid_texts, _, _ = ulmfit_cli.read_labelled(args)
+  train_texts, valid_texts = ulmfit_cli.lm_texts(train_texts, valid_texts, args)
   run = cli.RunFolder(args.out)
   cli.open_run(run, args, 'finetune_lm.py')
   mesh = cli.device_mesh(args.devices)

@@ -155,7 +155,7 @@ def train_direction(direction: str, phases: dict, runs: dict, data: tuple, wiki:
   """ULMFiT's three phases reading the texts in one direction (no language model without `wiki`);
   the classifier's history (empty after --lr-find)."""
   from flax_ulmfit import ulmfit
-  source = data[-1]
+  train, _, valid, _, source = data
   lm = None
   if wiki is not None:
     print(f'== {direction}: pretraining the language model on {len(wiki)} Wikipedia articles', flush=True)
@@ -165,7 +165,7 @@ def train_direction(direction: str, phases: dict, runs: dict, data: tuple, wiki:
                         ulmfit_cli.pretrain_recipe(pretrain), settings, mesh=mesh)
     if pretrain.lr_find:
       return []
-    train, valid = ulmfit_cli.lm_texts(data, phases['finetune'])
+    train, valid = ulmfit_cli.lm_texts(train, valid, phases['finetune'])
     print(f'== {direction}: fine-tuning the language model on the {len(train):,} training texts of {source}', flush=True)
     ulmfit_cli.lm_phase(phases['finetune'], runs['finetune'], train, valid, tokenizer,
                         ulmfit_cli.recipe(ulmfit.LM_FINETUNE, phases['finetune']), settings, mesh=mesh,

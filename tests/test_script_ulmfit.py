@@ -96,23 +96,25 @@ def _labelled_args(csv_path, **chars):
 def test_train_chars_cuts_the_training_texts_and_max_chars_what_the_classifier_is_validated_on(tmp_path):
   """--train-chars N: training (the language model's texts, train and valid, and the classifier's
   training texts) reads the first N characters; the classifier's validation reads --max-chars
-  (whole texts if None); without --train-chars both read --max-chars."""
+  (whole texts if None); without --train-chars both read --max-chars; training may not read
+  more than --max-chars."""
   from flax_ulmfit import ulmfit_cli
   csv_path = tmp_path / 'long.csv'
   rows = [f'{"abcdefghij" * (3 + i % 4)},{"xy"[i % 2]}' for i in range(10)]  # texts of 30-60 characters
   csv_path.write_text('text,label\n' + '\n'.join(rows) + '\n')
   whole = ulmfit_cli.read_labelled(_labelled_args(csv_path, train_chars=None, max_chars=None))
-  assert max(len(t) for t in whole[0] + whole[2]) == 60
-  data = ulmfit_cli.read_labelled(_labelled_args(csv_path, train_chars=25, max_chars=None))
-  train, train_y, valid, valid_y, _ = data
+  assert min(len(t) for t in whole[0] + whole[2]) == 30 and max(len(t) for t in whole[0]) == 60
+  args = _labelled_args(csv_path, train_chars=25, max_chars=None)
+  train, train_y, valid, valid_y, _ = ulmfit_cli.read_labelled(args)
   assert (train_y, valid_y) == (whole[1], whole[3]) and valid == whole[2]
   assert train == [t[:25] for t in whole[0]] and all(len(t) == 25 for t in train)
-  assert ulmfit_cli.lm_texts(data, _labelled_args(csv_path, train_chars=25, max_chars=None)) == (
-      train, [t[:25] for t in whole[2]])
-  args = _labelled_args(csv_path, train_chars=None, max_chars=40)
+  assert ulmfit_cli.lm_texts(train, valid, args) == (train, [t[:25] for t in whole[2]])
+  args = _labelled_args(csv_path, train_chars=None, max_chars=20)
   cut = ulmfit_cli.read_labelled(args)
-  assert cut[0] == [t[:40] for t in whole[0]] and cut[2] == [t[:40] for t in whole[2]]
-  assert ulmfit_cli.lm_texts(cut, args) == (cut[0], cut[2])
+  assert all(len(t) == 20 for t in cut[0] + cut[2]) and cut[2] == [t[:20] for t in whole[2]]
+  assert ulmfit_cli.lm_texts(cut[0], cut[2], args) == (cut[0], cut[2])
+  with pytest.raises(ValueError, match='--train-chars 25 exceeds --max-chars 20'):
+    ulmfit_cli.read_labelled(_labelled_args(csv_path, train_chars=25, max_chars=20))
 
 
 def _predict(model_args, texts, env):
