@@ -125,10 +125,11 @@ def run(name: str) -> float:
   runners = {'flax': FlaxRunner(model, data), 'torch': TorchRunner(vocab, config, flax_to_torch(model), data)}
   n = len(data)
   times, last = timing.alternate(runners, args.rounds * n, args.warmup * n)
-  per_round = {label: sum(statistics.median(t[b::n]) for b in range(n)) for label, t in times.items()}
+  medians = {label: [statistics.median(t[b::n]) for b in range(n)] for label, t in times.items()}
+  per_round = {label: sum(m) for label, m in medians.items()}
   shapes = ' '.join(str(x.shape[1]) for x, _ in data)
   for b, (x, _) in enumerate(data):
-    f, t = (statistics.median(times[label][b::n]) for label in ('flax', 'torch'))
+    f, t = medians['flax'][b], medians['torch'][b]
     print(f'  batch {b}: {x.shape[0]}x{x.shape[1]} tokens: flax {f / 1e3:.2f} s, torch {t / 1e3:.2f} s, ratio {t / f:.3f}')
   print(f'{name:8s} V={vocab} {emb}/{hid}/{layers} bs={args.bs}, {n} batches of lengths {shapes}: '
         f'flax {per_round["flax"] / 1e3:7.2f} s  torch {per_round["torch"] / 1e3:7.2f} s per round '

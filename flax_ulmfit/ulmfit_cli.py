@@ -200,12 +200,11 @@ def read_labelled(args: argparse.Namespace) -> tuple[list[str], list[str], list[
   return preprocess(train, train_chars(args)), train_y, preprocess(valid, args.max_chars), valid_y, source
 
 
-def lm_texts(train: list[str], valid: list[str], args: argparse.Namespace) -> tuple[list[str], list[str]]:
-  """A language model's `(train_texts, valid_texts)` from `read_labelled`'s: the validation texts
-  cut as the training texts are, to `train_chars(args)` (the language model is part of training;
-  its validation is its perplexity)."""
+def lm_valid_texts(valid: list[str], args: argparse.Namespace) -> list[str]:
+  """A language model's validation texts from `read_labelled`'s: cut as its training texts are,
+  to `train_chars(args)` (the language model is part of training; its validation is its perplexity)."""
   from flax_ulmfit.exports import preprocess
-  return train, preprocess(valid, train_chars(args))
+  return preprocess(valid, train_chars(args))
 
 
 def pretrain_recipe(args: argparse.Namespace):

@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> list[dict]:
   train_texts, _, valid_texts, _, _ = ulmfit_cli.read_labelled(args)
-  train_texts, valid_texts = ulmfit_cli.lm_texts(train_texts, valid_texts, args)
+  valid_texts = ulmfit_cli.lm_valid_texts(valid_texts, args)
   run = cli.RunFolder(args.out)
   cli.open_run(run, args, 'finetune_lm.py')
   mesh = cli.device_mesh(args.devices)

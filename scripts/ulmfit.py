@@ -165,7 +165,7 @@ def train_direction(direction: str, phases: dict, runs: dict, data: tuple, wiki:
                         ulmfit_cli.pretrain_recipe(pretrain), settings, mesh=mesh)
     if pretrain.lr_find:
       return []
-    train, valid = ulmfit_cli.lm_texts(train, valid, phases['finetune'])
+    valid = ulmfit_cli.lm_valid_texts(valid, phases['finetune'])
     print(f'== {direction}: fine-tuning the language model on the {len(train):,} training texts of {source}', flush=True)
     ulmfit_cli.lm_phase(phases['finetune'], runs['finetune'], train, valid, tokenizer,
                         ulmfit_cli.recipe(ulmfit.LM_FINETUNE, phases['finetune']), settings, mesh=mesh,

@@ -108,11 +108,11 @@ def test_train_chars_cuts_the_training_texts_and_max_chars_what_the_classifier_i
   train, train_y, valid, valid_y, _ = ulmfit_cli.read_labelled(args)
   assert (train_y, valid_y) == (whole[1], whole[3]) and valid == whole[2]
   assert train == [t[:25] for t in whole[0]] and all(len(t) == 25 for t in train)
-  assert ulmfit_cli.lm_texts(train, valid, args) == (train, [t[:25] for t in whole[2]])
+  assert ulmfit_cli.lm_valid_texts(valid, args) == [t[:25] for t in whole[2]]
   args = _labelled_args(csv_path, train_chars=None, max_chars=20)
   cut = ulmfit_cli.read_labelled(args)
   assert all(len(t) == 20 for t in cut[0] + cut[2]) and cut[2] == [t[:20] for t in whole[2]]
-  assert ulmfit_cli.lm_texts(cut[0], cut[2], args) == (cut[0], cut[2])
+  assert ulmfit_cli.lm_valid_texts(cut[2], args) == cut[2]
   with pytest.raises(ValueError, match='--train-chars 25 exceeds --max-chars 20'):
     ulmfit_cli.read_labelled(_labelled_args(csv_path, train_chars=25, max_chars=20))
 
