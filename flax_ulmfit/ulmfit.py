@@ -405,6 +405,7 @@ def run_recipe(model: nnx.Module, split: Split, recipe: Recipe, loss_fn, train_d
   primary = jax.process_index() == 0  # several processes: all save the checkpoints (orbax), one writes the logs
   progress = progress and primary
   key, history, first_epoch = jax.random.key(seed), [], 0
+  labels = optim.label_params(nnx.state(model, nnx.Param), split.rules)
   for index, (stage, tx) in enumerate(stage_optimizers(model, split, recipe, len(train_dl))):
     if policy.needs_loss_scaling:
       tx = mixed.torch_grad_scaler(tx)
@@ -422,7 +423,8 @@ def run_recipe(model: nnx.Module, split: Split, recipe: Recipe, loss_fn, train_d
     if progress:
       print(f'stage {index} {stage.name!r}: {stage.epochs} epoch(s), lr {stage.lr}, '
             f'{len(frozen_groups(split.groups, stage.freeze_to))} of {len(split.groups)} groups frozen', flush=True)
-    state, records = fit(make_train_step(model, loss_fn, tx, mesh=mesh, check_batch=check_batch), state,
+    trained = optim.trained_mask(labels, frozen_groups(split.groups, stage.freeze_to))
+    state, records = fit(make_train_step(model, loss_fn, tx, mesh=mesh, check_batch=check_batch, trained=trained), state,
                          _EpochsFrom(train_dl, first_epoch), stage.epochs, rng=jax.random.fold_in(key, index),
                          eval_step=eval_step, valid_data=_EpochsFrom(valid_dl, first_epoch), init_carry=init_carry,
                          language_model=language_model, progress=progress, log_group=split.groups[-1], **files)
@@ -483,4 +485,5 @@ def stage_lr_find(model: nnx.Module, split: Split, recipe: Recipe, stage: int, l
   def make_tx(schedule):
     return optim.fastai_optimizer(labels, {g: schedule for g in split.groups if g not in frozen}, eps=recipe.eps,
                                   wd=recipe.wd, wd_mask=wd_mask, frozen=frozen, clip_norm=recipe.clip)
-  return lr_find(model, loss_fn, make_tx, batches, rng=jax.random.key(seed), init_carry=init_carry, plot_path=plot_path)
+  return lr_find(model, loss_fn, make_tx, batches, rng=jax.random.key(seed), init_carry=init_carry, plot_path=plot_path,
+                 trained=optim.trained_mask(labels, frozen))

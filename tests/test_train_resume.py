@@ -1,5 +1,5 @@
-"""Runs that never lose work, in one process on a tiny MLP: the step refuses inf/NaN updates,
-fit stops on them, checkpoints resume exactly (after a crash or Ctrl-C) and refuse what
+"""Runs that never lose work, in one process on a tiny MLP: the step flags inf/NaN, fit stops
+on it before saving, checkpoints resume exactly (after a crash or Ctrl-C) and refuse what
 does not fit; out-of-range ids are caught on the host."""
 import os
 import signal
@@ -166,23 +166,45 @@ def test_a_killed_save_leaves_a_temporary_that_the_next_save_removes(tmp_path):
   assert len(history) == N_EPOCH and not leftover.exists()
 
 
-def test_step_refuses_a_non_finite_update_and_fit_stops():
+def test_a_non_finite_step_is_flagged_and_fit_stops_before_saving_it(tmp_path):
   model, tx = setup()
   step = make_train_step(model, loss_fn, tx)
-  state = init_train_state(model, tx)
   x, y = blobs(16, 0)[0]
-  before = jax.tree.map(np.asarray, state)
-  state, _, metrics = step(state, (x.at[3, 0].set(jnp.nan), y), jax.random.key(0), None)
+  _, _, metrics = step(init_train_state(model, tx), (x.at[3, 0].set(jnp.nan), y), jax.random.key(0), None)
   assert bool(metrics['nonfinite']) and np.isnan(float(metrics['loss']))
-  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state)):
-    np.testing.assert_array_equal(a, np.asarray(b))  # nothing moved, the Adam step count neither
-  state, _, metrics = step(state, (x, y), jax.random.key(0), None)
+  _, _, metrics = step(init_train_state(model, tx), (x, y), jax.random.key(0), None)
   assert not bool(metrics['nonfinite'])
 
-  poisoned = blobs(128, 0)
-  poisoned[5] = (poisoned[5][0].at[0, 0].set(jnp.inf), poisoned[5][1])
-  with pytest.raises(TrainingDiverged, match=r'the loss became inf/NaN at step 5 \(epoch 0, batch 5'):
-    fit(step, init_train_state(model, tx), poisoned, 1, rng=jax.random.key(0), progress=False)
+  # Batch 5 is poisoned and a checkpoint is due after every step: fit reads step 5's flag
+  # before the save that follows it, so the newest checkpoint is the one before, all finite.
+  poisoned = Blobs()
+  poisoned.data[5] = (poisoned.data[5][0].at[0, 0].set(jnp.inf), poisoned.data[5][1])
+  order = np.random.default_rng([7, 0]).permutation(8)
+  bad = int(np.flatnonzero(order == 5)[0])
+  checkpoints = TrainCheckpoints(tmp_path)
+  with pytest.raises(TrainingDiverged, match=rf'the loss became inf/NaN at step {bad} \(epoch 0, batch {bad}'):
+    fit(step, init_train_state(model, tx), poisoned, 1, rng=jax.random.key(0), progress=False,
+        checkpoints=checkpoints, save_every=1)
+  assert checkpoints.latest_step() == bad
+  restored = checkpoints.restore(init_train_state(model, tx), None, bad).state
+  assert all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree.leaves(restored.params))
+
+
+def test_the_check_reads_the_gradients_of_trained_parameters_only():
+  """A NaN gradient under a finite loss is flagged when its parameter trains, not when it is frozen."""
+  model = Mlp(rngs=nnx.Rngs(0))
+  labels = optim.label_params(nnx.state(model, nnx.Param), [('^l1/', 'body'), ('', 'head')])
+
+  def nan_gradient(m, batch, rng, carry):  # sqrt at 0: the value 0, the gradient inf * 0 = NaN
+    loss, aux = loss_fn(m, batch, rng, carry)
+    return loss + jnp.sqrt(jnp.abs(m.l1.kernel[...]) * 0.0).sum(), aux
+
+  batch = blobs(16, 0)[0]
+  for frozen in ((), ('body',)):
+    tx = optim.fastai_optimizer(labels, {'body': 1e-2, 'head': 1e-2}, frozen=frozen)
+    step = make_train_step(model, nan_gradient, tx, trained=optim.trained_mask(labels, frozen))
+    _, _, metrics = step(init_train_state(model, tx), batch, jax.random.key(0), None)
+    assert np.isfinite(float(metrics['loss'])) and bool(metrics['nonfinite']) == (frozen == ()), frozen
 
 
 def test_with_a_loss_scaler_an_overflow_is_skipped_by_the_scaler_not_refused():

@@ -1,8 +1,9 @@
 """`fit`: epochs of jitted steps with a progress bar, a per-epoch table, a CSV/JSONL log,
 optional PNG plots, checkpoints for exact resume, and two callbacks (early stopping, save best).
 
-Runs never lose work: a step whose loss or gradients are inf/NaN changes nothing and stops
-the run (`TrainingDiverged`); Ctrl-C or SIGTERM saves a checkpoint after the current step
+Runs never lose work: a step whose loss or gradients are inf/NaN stops the run
+(`TrainingDiverged`) before anything is saved after it, so checkpoints, logs and callbacks
+never see inf/NaN weights; Ctrl-C or SIGTERM saves a checkpoint after the current step
 and raises `Interrupted`; with `checkpoints`, the state is saved each epoch and every
 `save_every` steps, and `resume=True` continues from the newest checkpoint exactly as the
 uninterrupted run would have gone on (step `i` draws `fold_in(rng, i)`, epoch `e`'s data
@@ -149,9 +150,9 @@ class _Steps:
         self.pending.clear()
         raise TrainingDiverged(
             f'fit: the {"gradients" if math.isfinite(loss) else "loss"} became inf/NaN at step {step} (epoch '
-            f'{epoch}, batch {batch}; loss {loss}): the run diverged and stopped; the step was not applied '
-            '(no inf/NaN weights) and nothing was saved after it. Lower the learning rate, or look for '
-            'inf/NaN in the data')
+            f'{epoch}, batch {batch}; loss {loss}): the run diverged and stopped; nothing was saved after '
+            'that step (the checkpoints hold the weights from before it). Lower the learning rate, or look '
+            'for inf/NaN in the data')
       self.epoch.append({k: float(v) for k, v in metrics.items()})
       self.log['loss'].append(loss)
       for key in ('learning_rate', 'mom'):
@@ -303,7 +304,7 @@ def fit(train_step: Callable, state: TrainState, train_data, n_epoch: int, *, rn
     valid_<metric>...), perplexity, lr, mom and time (seconds).
 
   Raises:
-    TrainingDiverged: a step's loss or gradients were inf/NaN (that step was not applied).
+    TrainingDiverged: a step's loss or gradients were inf/NaN (nothing was saved after it).
     Interrupted: Ctrl-C or SIGTERM (a `KeyboardInterrupt`), after saving a checkpoint.
     CheckpointError: the checkpoint to resume is damaged or belongs to another run.
   """

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import optax
@@ -48,7 +48,7 @@ def valley(lrs: list[float], losses: list[float]) -> float:
 def lr_find(model: nnx.Module, loss_fn: LossFn, make_tx: Callable[[optax.Schedule], optax.GradientTransformation],
             batches: Iterable, *, rng: jax.Array, start_lr: float = 1e-7, end_lr: float = 10.0,
             num_it: int = 100, stop_div: bool = True, init_carry: Callable | None = None,
-            plot_path: str | os.PathLike | None = None) -> LRFinderResult:
+            plot_path: str | os.PathLike | None = None, trained: Any = None) -> LRFinderResult:
   """Trains a copy of `model` for up to `num_it` steps with lr from `start_lr` to `end_lr`.
 
   Losses are smoothed as fastai's Recorder does (moving average, beta 0.98, debiased); with
@@ -63,10 +63,11 @@ def lr_find(model: nnx.Module, loss_fn: LossFn, make_tx: Callable[[optax.Schedul
     batches: training batches; cycled if shorter than `num_it`.
     rng: key for the steps.
     plot_path: PNG of loss vs lr (log scale) with the suggestion marked, if matplotlib is installed.
+    trained: the parameters the optimizer moves, as for `make_train_step`.
   """
   tx = make_tx(exponential_sweep(num_it, start_lr, end_lr))
   state = init_train_state(model, tx)
-  step = make_train_step(model, loss_fn, tx)
+  step = make_train_step(model, loss_fn, tx, trained=trained)
   lrs, smoothed, avg, best, carry = [], [], 0.0, math.inf, None
   batches = list(batches)
   if not batches:

@@ -203,9 +203,7 @@ def fastai_optimizer(labels: Any, lrs: Mapping[str, float | optax.Schedule], *,
   unknown = sorted(set(frozen) - groups)
   if unknown:
     raise ValueError(f'fastai_optimizer: frozen groups {unknown} are not among the labels {sorted(groups)}')
-  if train_mask is None:
-    train_mask = jax.tree.map(lambda _: False, labels)
-  effective = jax.tree.map(lambda g, keep: g if g not in frozen or keep else FROZEN, labels, train_mask)
+  effective = _effective_labels(labels, frozen, train_mask)
   present = set(jax.tree.leaves(effective))
   missing = sorted(present - {FROZEN} - set(lrs))
   if missing:
@@ -225,6 +223,20 @@ def fastai_optimizer(labels: Any, lrs: Mapping[str, float | optax.Schedule], *,
     keep = {g: optax.identity() for g in trained} | {FROZEN: optax.set_to_zero()}
     steps += [optax.multi_transform(keep, effective), optax.clip_by_global_norm(clip_norm)]
   return optax.chain(*steps, optax.multi_transform(transforms, effective))
+
+
+def _effective_labels(labels: Any, frozen: Sequence[str], train_mask: Any) -> Any:
+  """`labels` with every frozen parameter (not kept training by `train_mask`) relabelled `FROZEN`."""
+  if train_mask is None:
+    train_mask = jax.tree.map(lambda _: False, labels)
+  return jax.tree.map(lambda g, keep: g if g not in frozen or keep else FROZEN, labels, train_mask)
+
+
+def trained_mask(labels: Any, frozen: Sequence[str] = (), train_mask: Any = None) -> Any:
+  """True for the parameters that `fastai_optimizer(labels, ..., frozen=frozen,
+  train_mask=train_mask)` moves: pass it as `make_train_step(trained=...)`, whose inf/NaN check
+  then reads only their gradients (a frozen parameter's gradient is never formed)."""
+  return jax.tree.map(lambda g: g != FROZEN, _effective_labels(labels, frozen, train_mask))
 
 
 def hyperparams(opt_state: Any, group: str | None = None) -> dict[str, jax.Array]:

@@ -171,6 +171,10 @@ class VisionLearner:
                                 train_mask=self.norms)
     return precision.torch_grad_scaler(tx) if self.policy.needs_loss_scaling else tx
 
+  def _trained(self) -> Any:
+    """True for the parameters the current freezing trains (`make_train_step(trained=)`)."""
+    return optim.trained_mask(self.labels, self.frozen, self.norms)
+
   def fit_one_cycle(self, n_epoch: int, lr_max: float | slice = 1e-3, div: float = 25.0, div_final: float = 1e5,
                     pct_start: float = 0.25, moms: tuple[float, float, float] = (0.95, 0.85, 0.95),
                     name: str | None = None) -> list[dict]:
@@ -186,7 +190,7 @@ class VisionLearner:
     state = init_train_state(self.model, tx)
     if self.mesh is not None:
       state = parallel.replicate(state, self.mesh)
-    step = make_train_step(self.model, self.loss_fn, tx, mesh=self.mesh)
+    step = make_train_step(self.model, self.loss_fn, tx, mesh=self.mesh, trained=self._trained())
     first_epoch = self.epochs_done
     suffix = f'-{name}' if name else ''
     primary = jax.process_index() == 0  # several processes: all save the checkpoints (orbax), one writes the logs
@@ -222,7 +226,7 @@ class VisionLearner:
     return lr_find(self.model, self.loss_fn, lambda lr: self._optimizer({g: lr for g in self.groups}, 0.9),
                    itertools.islice(itertools.chain.from_iterable(epochs), num_it),
                    rng=jax.random.key(self.seed), start_lr=start_lr, end_lr=end_lr, num_it=num_it,
-                   plot_path=plot_path)
+                   plot_path=plot_path, trained=self._trained())
 
 
 ARCHS = {'xresnet18': xresnet18, 'xresnet34': xresnet34, 'xresnet50': xresnet50, 'xresnet101': xresnet101,
