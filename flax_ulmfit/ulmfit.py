@@ -18,10 +18,12 @@ Each stage starts from fresh optimizer state, because fastai's `Learner.freeze_t
 parity_tests/test_ulmfit_stages.py). A stage runner is a short loop:
 
   split = awd_lstm_clas_split(3)
+  labels = optim.label_params(nnx.state(model, nnx.Param), split.rules)
   for stage, tx in stage_optimizers(model, split, CLASSIFIER, len(train_dl)):
     state = state._replace(opt_state=tx.init(state.params))   # fastai's clear_state
-    state, history = fit(make_train_step(model, loss_fn, tx), state, train_dl, stage.epochs,
-                         log_group=split.groups[-1], ...)     # the head's lr, as fastai logs it
+    trained = optim.trained_mask(labels, frozen_groups(split.groups, stage.freeze_to))
+    state, history = fit(make_train_step(model, loss_fn, tx, trained=trained), state, train_dl,
+                         stage.epochs, log_group=split.groups[-1], ...)  # the head's lr, as fastai logs it
 
 References:
   Howard & Ruder, "Universal Language Model Fine-tuning for Text Classification", 2018.
