@@ -422,10 +422,11 @@ def run_recipe(model: nnx.Module, split: Split, recipe: Recipe, loss_fn, train_d
       if primary:
         files.update(log_path=Path(out) / f'log-{index}-{stage.name}.csv',
                      plot_path=Path(out) / f'losses-{index}-{stage.name}.png')
+    frozen = frozen_groups(split.groups, stage.freeze_to)
     if progress:
       print(f'stage {index} {stage.name!r}: {stage.epochs} epoch(s), lr {stage.lr}, '
-            f'{len(frozen_groups(split.groups, stage.freeze_to))} of {len(split.groups)} groups frozen', flush=True)
-    trained = optim.trained_mask(labels, frozen_groups(split.groups, stage.freeze_to))
+            f'{len(frozen)} of {len(split.groups)} groups frozen', flush=True)
+    trained = optim.trained_mask(labels, frozen)
     state, records = fit(make_train_step(model, loss_fn, tx, mesh=mesh, check_batch=check_batch, trained=trained), state,
                          _EpochsFrom(train_dl, first_epoch), stage.epochs, rng=jax.random.fold_in(key, index),
                          eval_step=eval_step, valid_data=_EpochsFrom(valid_dl, first_epoch), init_carry=init_carry,
