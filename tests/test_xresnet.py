@@ -130,6 +130,23 @@ def test_pools_match_torch_on_odd_sizes():
   np.testing.assert_array_equal(max_pool(jnp.asarray(x), 3, 2, 1, 'im2col'), want_max)
 
 
+@pytest.mark.parametrize('ks,stride,padding', [(3, 2, 1), (2, 2, 0), (3, 1, 1), (2, 3, 0), (4, 2, 2)])
+def test_max_pool_gradient_goes_to_the_first_maximum_as_torchs(ks, stride, padding):
+  """The strided-slice pool's own gradient, per phase of the stride: torch's values and its
+  rule at ties (the first maximum in row-major order takes it all), on odd sizes."""
+  rng = np.random.default_rng(ks * 100 + stride * 10 + padding)
+  x = np.maximum(rng.standard_normal((2, 7, 9, 3)), 0.3).round(0).astype(np.float32)  # ties everywhere
+  xt = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+  yt = torch.nn.functional.max_pool2d(xt, ks, stride, padding)
+  g = rng.standard_normal(yt.shape).astype(np.float32)
+  yt.backward(torch.from_numpy(g))
+  y, vjp = jax.vjp(lambda x: max_pool(x, ks, stride, padding, 'im2col'), jnp.asarray(x))
+  np.testing.assert_array_equal(y, yt.detach().numpy().transpose(0, 2, 3, 1))
+  # up to 4 windows add into one pixel, in another order than torch's: 1 ulp of values ~3
+  np.testing.assert_allclose(vjp(jnp.asarray(g.transpose(0, 2, 3, 1)))[0], xt.grad.numpy().transpose(0, 2, 3, 1),
+                             rtol=0, atol=1e-6)
+
+
 def test_conv_impl_is_checked():
   with pytest.raises(ValueError, match="conv_impl must be one of"):
     conv2d(jnp.ones((1, 4, 4, 1)), jnp.ones((1, 1, 1, 1)), 1, 0, 'cudnn')

@@ -5,11 +5,14 @@
 `impl='auto'` picks xla on GPU/TPU; on CPU, per layer, xla (XLA hands the convolution and
 both its gradients to YNNPACK) where the output is at least as large as the kernel, and
 im2col where it is smaller (XLA's CPU compiler then swaps image and kernel and runs a slow
-generic loop) and for pooling (XLA's max-pool gradient is a slow select-and-scatter).
+generic loop) and for pooling (XLA's max-pool gradient is a slow select-and-scatter; the
+strided-slice pool has its own gradient, written per phase of the stride).
 docs/performance-vision.md has the measurements. Padding is symmetric like torch's
 `padding=p`, never Flax's 'SAME' (which pads asymmetrically for stride 2).
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -80,18 +83,60 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int, impl: str
 
 
 def max_pool(x: jax.Array, ks: int, stride: int, padding: int, impl: str = 'auto') -> jax.Array:
-  """torch's MaxPool2d(ks, stride, padding) on NHWC `x` (padding never wins the max)."""
-  pads = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+  """torch's MaxPool2d(ks, stride, padding) on NHWC `x` (padding never wins the max).
+
+  Off XLA's own pooling, the gradient goes to the first maximum of each window in row-major
+  order, as torch's does (XLA's and autodiff's split it between tied maxima).
+  """
   if resolve_conv_impl(impl) == 'xla':
+    pads = ((0, 0), (padding, padding), (padding, padding), (0, 0))
     return lax.reduce_window(x, -jnp.inf, lax.max, (1, ks, ks, 1), (1, stride, stride, 1), pads)
   out_hw = (_out_size(x.shape[1], ks, stride, padding), _out_size(x.shape[2], ks, stride, padding))
   # In fp32 whatever x's dtype (the max is exact either way): XLA's CPU backend has no bf16/fp16
   # compare, and converted the chained maxima and their gradient at every step of the chain.
-  padded = jnp.pad(x.astype(jnp.float32), pads, constant_values=-jnp.inf)
-  out = None
-  for window in _windows(padded, ks, stride, out_hw):
-    out = window if out is None else jnp.maximum(out, window)
-  return out.astype(x.dtype)
+  return _window_max(x.astype(jnp.float32), ks, stride, padding, out_hw).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _window_max(x: jax.Array, ks: int, stride: int, padding: int, out_hw: tuple[int, int]) -> jax.Array:
+  """Max-pooling as chained maxima of the ks*ks strided windows; its gradient (`_window_max_bwd`)
+  is written per phase of the stride instead of autodiff's ks*ks padded scatters."""
+  return _window_max_fwd(x, ks, stride, padding, out_hw)[0]
+
+
+def _window_max_fwd(x, ks, stride, padding, out_hw):
+  padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=-jnp.inf)
+  windows = list(_windows(padded, ks, stride, out_hw))
+  out = functools.reduce(jnp.maximum, windows)
+  index = jnp.int8 if len(windows) <= 128 else jnp.int32
+  first = jnp.full(out.shape, len(windows) - 1, index)  # the first window holding the max
+  for tap in range(len(windows) - 2, -1, -1):
+    first = jnp.where(windows[tap] == out, index(tap), first)
+  return out, (first, x.shape)
+
+
+def _window_max_bwd(ks, stride, padding, out_hw, residuals, grad):
+  """Input row Y (counted in the padded input) = q * stride + r is read by output row q - d
+  through kernel row d * stride + r; so each phase (r, r') of the input gathers its kernel taps'
+  gradients shifted by (d, d') on the output grid, and the phases interleave into the input."""
+  first, (n, h, w, c) = residuals
+  rows, cols = -(-(h + padding) // stride), -(-(w + padding) // stride)  # phase grid covering the input
+
+  def phase(r_h: int, r_w: int) -> jax.Array:
+    total = jnp.zeros((n, rows, cols, c), grad.dtype)
+    for d_h in range(-(-(ks - r_h) // stride)):
+      for d_w in range(-(-(ks - r_w) // stride)):
+        tap = (d_h * stride + r_h) * ks + d_w * stride + r_w
+        shifted = ((0, 0, 0), (d_h, rows - out_hw[0] - d_h, 0), (d_w, cols - out_hw[1] - d_w, 0), (0, 0, 0))
+        total = total + lax.pad(jnp.where(first == tap, grad, 0.0), jnp.zeros((), grad.dtype), shifted)
+    return total
+
+  phases = jnp.stack([jnp.stack([phase(r_h, r_w) for r_w in range(stride)], axis=3) for r_h in range(stride)], axis=2)
+  dx = phases.reshape(n, rows * stride, cols * stride, c)
+  return (dx[:, padding:padding + h, padding:padding + w],)
+
+
+_window_max.defvjp(_window_max_fwd, _window_max_bwd)
 
 
 def avg_pool_ceil(x: jax.Array) -> jax.Array:
