@@ -9,6 +9,7 @@ import os
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # spin-waiting OpenMP threads distort torch under load
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
@@ -21,6 +22,7 @@ from flax import nnx  # noqa: E402
 
 import timing  # noqa: E402
 import torch_ref.xresnet as ref  # noqa: E402
+from flax_ulmfit import xla_cpu  # noqa: E402
 from flax_ulmfit.interop.xresnet import xresnet_to_flax  # noqa: E402
 from flax_ulmfit.models import xresnet  # noqa: E402
 from flax_ulmfit.models.conv import CONV_IMPLS  # noqa: E402
@@ -32,7 +34,7 @@ def jax_step_fn(model, lr):
   tx = optax.adam(lr)
   opt_state = tx.init(nnx.state(model, nnx.Param))
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=xla_cpu.compiler_options())  # as the library's steps compile
   def step(state, opt_state, x, y):
     model = nnx.merge(graphdef, state)
     loss_fn = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()  # noqa: E731

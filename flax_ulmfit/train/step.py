@@ -17,7 +17,7 @@ from flax import nnx
 
 from jax.sharding import Mesh
 
-from flax_ulmfit import parallel
+from flax_ulmfit import parallel, xla_cpu
 from flax_ulmfit.parallel import BATCH, DATA_AXIS, REPLICATED
 from flax_ulmfit.train.precision import loss_scale
 
@@ -154,10 +154,12 @@ def make_train_step(model: nnx.Module, loss_fn: LossFn, tx: optax.GradientTransf
                                                         'nonfinite': ~finite}
 
   # not the carry: callers may pass one zeros array twice
+  options = xla_cpu.compiler_options()
   if mesh is None:
-    return _checked(jax.jit(step, donate_argnums=0), check_batch)
+    return _checked(jax.jit(step, donate_argnums=0, compiler_options=options), check_batch)
   step = jax.jit(parallel.data_parallel(step, mesh, in_specs=(REPLICATED, BATCH, REPLICATED, BATCH),
-                                        out_specs=(REPLICATED, BATCH, REPLICATED)), donate_argnums=0)
+                                        out_specs=(REPLICATED, BATCH, REPLICATED)), donate_argnums=0,
+                 compiler_options=options)
   return _checked(_on_mesh(step, mesh, 'make_train_step'), check_batch)
 
 
@@ -180,11 +182,13 @@ def make_eval_step(model: nnx.Module, loss_fn: LossFn, check_batch: Callable[[An
     metrics = {'loss': jnp.asarray(loss, jnp.float32), **metrics}
     return carry, metrics if mesh is None or parallel.shard()[1] == 1 else _metrics_over_devices(metrics)
 
+  options = xla_cpu.compiler_options()
   if mesh is None:
-    return _checked(jax.jit(step), check_batch)
+    return _checked(jax.jit(step, compiler_options=options), check_batch)
   sharded = jax.jit(parallel.data_parallel(step, mesh, in_specs=(REPLICATED, BATCH, BATCH),
-                                           out_specs=(BATCH, REPLICATED)))
-  return _checked(_on_mesh(sharded, mesh, 'make_eval_step', replicated=jax.jit(step)), check_batch)
+                                           out_specs=(BATCH, REPLICATED)), compiler_options=options)
+  return _checked(_on_mesh(sharded, mesh, 'make_eval_step', replicated=jax.jit(step, compiler_options=options)),
+                  check_batch)
 
 
 def update_model(model: nnx.Module, state: TrainState) -> None:
