@@ -1,8 +1,9 @@
-"""conv_impl='auto' on CPU: XLA's convolution where its CPU backend hands it to a library, im2col elsewhere.
+"""conv_impl='auto' on CPU: XLA's convolution where its CPU backend runs it fast, im2col elsewhere.
 
 The rule rests on measurements of XLA 0.10.2's CPU backend (docs/performance-vision.md):
-convolutions and both their gradients mostly run as YNNPACK fusions, but when the output is
-smaller than the kernel XLA swaps image and kernel into a `convolution` that runs on a
+convolutions and both their gradients run in a library (YNNPACK by default; XLA's Eigen
+convolution under the library's compile options, `flax_ulmfit.xla_cpu`), but when the output
+is smaller than the kernel XLA swaps image and kernel into a `convolution` that runs on a
 generic loop 10-100x slower; 'auto' must leave no convolution there at all.
 """
 import re

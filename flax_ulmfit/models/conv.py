@@ -2,11 +2,11 @@
 
 `impl='xla'` uses `lax.conv_general_dilated` / `lax.reduce_window` (right on GPU/TPU);
 `impl='im2col'` writes each op as k*k strided slices (plus one matmul for a conv).
-`impl='auto'` picks xla on GPU/TPU; on CPU, per layer, xla (XLA hands the convolution and
-both its gradients to YNNPACK) where the output is at least as large as the kernel, and
-im2col where it is smaller (XLA's CPU compiler then swaps image and kernel and runs a slow
-generic loop) and for pooling (XLA's max-pool gradient is a slow select-and-scatter; the
-strided-slice pool has its own gradient, written per phase of the stride).
+`impl='auto'` picks xla on GPU/TPU; on CPU, per layer, xla where the output is at least as
+large as the kernel, and im2col where it is smaller (XLA's CPU compiler then swaps image
+and kernel and runs a slow generic loop) and for pooling (XLA's max-pool gradient is a slow
+select-and-scatter; the strided-slice pool has its own gradient, written per phase of the
+stride). On CPU the library's steps compile convolutions outside YNNPACK (`flax_ulmfit.xla_cpu`).
 docs/performance-vision.md has the measurements. Padding is symmetric like torch's
 `padding=p`, never Flax's 'SAME' (which pads asymmetrically for stride 2).
 """
