@@ -58,3 +58,9 @@ def test_a_user_choice_in_xla_flags_wins(monkeypatch):
   assert xla_cpu.compiler_options() == {xla_cpu.YNN_FUSION_TYPE: xla_cpu.YNN_WITHOUT_CONVOLUTIONS}
   monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=dot')
   assert xla_cpu.compiler_options() == {}
+
+
+def test_an_xla_that_does_not_know_the_option_compiles_with_its_defaults():
+  assert xla_cpu.accepted(xla_cpu.YNN_FUSION_TYPE, xla_cpu.YNN_WITHOUT_CONVOLUTIONS)
+  assert not xla_cpu.accepted(xla_cpu.YNN_FUSION_TYPE, 'LIBRARY_FUSION_TYPE_RENAMED')
+  assert not xla_cpu.accepted('xla_cpu_option_of_another_version', 'true')
