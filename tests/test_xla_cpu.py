@@ -9,9 +9,8 @@ import re
 import jax
 import jax.numpy as jnp
 import pytest
-from jax import lax
-
 from flax_ulmfit import xla_cpu
+from flax_ulmfit.models.conv import conv2d
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != 'cpu', reason='CPU compile options')
 
@@ -29,7 +28,7 @@ def _ynn_fusion_ops(fn, *args, options) -> list[set[str]]:
 
 
 def _conv_and_dot(x, k, w):
-  y = lax.conv_general_dilated(x, k, (1, 1), [(1, 1)] * 2, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  y = conv2d(x, k, 1, 1, 'xla')
   return (y.reshape(y.shape[0], -1) @ w).sum()
 
 
