@@ -58,7 +58,8 @@ def _forward(x, w_ih, bias, w_hh, h0, c0):
   """The projection, then the time loop with (H, B) states; also returns what the backward
   needs, the cell states and the (4H, T*B) buffer of gate activations."""
   n_steps, batch, n_in = x.shape
-  # The projection is computed in fp32 (XLA CPU's bf16 dots are slower with bf16 outputs).
+  # The projection is computed in fp32 (XLA CPU's bf16 dots are slower with bf16 outputs) and
+  # stored, like the activations that overwrite it, in the compute dtype.
   projected = _stored(_dot_f32(w_ih, x.reshape(-1, n_in).T).astype(x.dtype))
 
   def step(carry, t):
